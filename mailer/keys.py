@@ -1,0 +1,46 @@
+"""Every Redis key name in one place.
+
+All keys start with the queue name, so one Redis can hold several deployments
+(or test runs) side by side without them seeing each other's state.
+"""
+
+from __future__ import annotations
+
+
+class Keys:
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+
+    def subscribe_ip(self, ip: str, window: int) -> str:
+        return f"{self.queue}:ratelimit:subscribe:{ip}:{window}"
+
+    @property
+    def throttle_global(self) -> str:
+        return f"{self.queue}:throttle:global"
+
+    def throttle_domain(self, domain: str) -> str:
+        return f"{self.queue}:throttle:domain:{domain}"
+
+    @property
+    def daily_quota(self) -> str:
+        return f"{self.queue}:throttle:daily"
+
+    @property
+    def sent_log(self) -> str:
+        """Sorted set of (second -> count) used for the send-rate chart."""
+        return f"{self.queue}:stats:sent-per-second"
+
+    @property
+    def counters(self) -> str:
+        """Hash of process-wide counters summed across every worker."""
+        return f"{self.queue}:stats:counters"
+
+    @property
+    def worker_heartbeats(self) -> str:
+        return f"{self.queue}:workers"
+
+    def batch_job_id(self, blast_id: int, first_id: int) -> str:
+        return f"blast:{blast_id}:batch:{first_id}"
+
+    def confirm_job_id(self, subscriber_id: int, stamp: int) -> str:
+        return f"confirm:{subscriber_id}:{stamp}"
