@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     retry_max_age_s: int = Field(3 * 86400, ge=0)
     policy_failures_pause: int = Field(10, ge=1)
     reconcile_interval_s: int = Field(10, ge=1, le=60)
+    # How long a worker's claim on recipients lasts before another may take them over.
+    delivery_lease_s: int = Field(120, ge=1)
 
     confirm_token_ttl_s: int = Field(7 * 86400, ge=60)
     confirm_resend_s: int = Field(3600, ge=0)
@@ -107,8 +109,10 @@ class Settings(BaseSettings):
         if not isinstance(value, str):
             return value
         rates: dict[str, float] = {}
-        for item in _split_csv(value):  # type: ignore[union-attr]
-            domain, sep, rate = str(item).partition("=")
+        for item in value.split(","):
+            if not item.strip():
+                continue
+            domain, sep, rate = item.partition("=")
             if not sep or not domain.strip():
                 raise ValueError(f"expected domain=rate pairs, got {item!r}")
             rates[domain.strip().lower()] = float(rate)

@@ -22,8 +22,18 @@ class Keys:
         return f"{self.queue}:throttle:domain:{domain}"
 
     @property
+    def throttle_global_reserved(self) -> str:
+        """Sorted set of global slots booked ahead of the frontier for domain-limited sends."""
+        return f"{self.queue}:throttle:global:reserved"
+
+    @property
     def daily_quota(self) -> str:
         return f"{self.queue}:throttle:daily"
+
+    @property
+    def daily_quota_total(self) -> str:
+        """Running total of the grants held in ``daily_quota``, kept beside it by Lua."""
+        return f"{self.queue}:throttle:daily:total"
 
     @property
     def sent_log(self) -> str:
@@ -39,8 +49,17 @@ class Keys:
     def worker_heartbeats(self) -> str:
         return f"{self.queue}:workers"
 
+    def blast_active(self, blast_id: int) -> str:
+        """Set (with a TTL) by every batch that makes progress; the reconciler leaves busy blasts be."""
+        return f"{self.queue}:blast:{blast_id}:active"
+
+    # arq's own job keys (arq:job:<id>) are not scoped by queue, so our job ids are.
+
     def batch_job_id(self, blast_id: int, first_id: int) -> str:
-        return f"blast:{blast_id}:batch:{first_id}"
+        return f"{self.queue}:blast:{blast_id}:batch:{first_id}"
+
+    def start_job_id(self, blast_id: int) -> str:
+        return f"{self.queue}:blast:{blast_id}:start"
 
     def confirm_job_id(self, subscriber_id: int, stamp: int) -> str:
-        return f"confirm:{subscriber_id}:{stamp}"
+        return f"{self.queue}:confirm:{subscriber_id}:{stamp}"

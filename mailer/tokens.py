@@ -46,7 +46,7 @@ class _ClockedSerializer(URLSafeTimedSerializer):
         signer = super().make_signer(salt)
         if self._now is not None:
             fixed = int(self._now)
-            signer.get_timestamp = lambda: fixed  # type: ignore[method-assign]
+            signer.get_timestamp = lambda: fixed  # type: ignore[attr-defined,method-assign]
         return signer
 
 

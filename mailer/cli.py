@@ -1,0 +1,259 @@
+"""``mailer``: the command line for editors and ops.
+
+Every command reads its configuration from ``MAILER_*`` only, so several
+processes can share one. Errors print one line to stderr and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+from mailer.config import Settings, SettingsError, load_settings
+from mailer.logs import setup_logging
+
+app = typer.Typer(help="mailer: newsletters with double opt-in and one-click unsubscribe.")
+editors_app = typer.Typer(help="Manage editor accounts.")
+subscribers_app = typer.Typer(help="Import and export subscribers.")
+app.add_typer(editors_app, name="editors")
+app.add_typer(subscribers_app, name="subscribers")
+
+T = TypeVar("T")
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def settings_or_exit(**overrides: Any) -> Settings:
+    try:
+        return load_settings(**overrides)
+    except SettingsError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - not on every platform
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+@app.command()
+def migrate() -> None:
+    """Create or upgrade the database schema (run before starting new web/worker versions)."""
+    settings = settings_or_exit()
+    from mailer.migrate import upgrade_url
+
+    try:
+        upgrade_url(settings.database_url)
+    except Exception as exc:  # noqa: BLE001 - one line for ops, not a traceback
+        fail(f"migration failed: {type(exc).__name__}: {exc}".splitlines()[0])
+    typer.echo("database is up to date")
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+) -> None:
+    """Run the web process (public pages, editor API, admin UI, ops endpoints)."""
+    settings = settings_or_exit()
+    setup_logging(settings.log_format)
+    import uvicorn
+
+    from mailer.web.app import create_app
+
+    _use_uvloop()
+    uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
+
+
+@app.command()
+def worker() -> None:
+    """Run a worker: sends confirmation mails and blast batches, runs the reconciler."""
+    settings = settings_or_exit()
+    setup_logging(settings.log_format)
+    from arq.worker import Worker
+
+    from mailer.worker import worker_settings
+
+    _use_uvloop()
+    Worker(**worker_settings(settings)).run()
+
+
+@editors_app.command("add")
+def editors_add(name: str) -> None:
+    """Create an editor. Prints the token once, alone on the last line; only its hash is kept."""
+    settings = settings_or_exit()
+    from mailer.db import make_engine, make_sessionmaker
+    from mailer.editors import add_editor
+    from mailer.subscriptions import InvalidInput
+
+    async def _add() -> str:
+        engine = make_engine(settings.database_url)
+        try:
+            async with make_sessionmaker(engine)() as session:
+                return await add_editor(session, name)
+        finally:
+            await engine.dispose()
+
+    try:
+        token = run(_add())
+    except InvalidInput as exc:
+        fail(str(exc))
+    typer.echo(f"Editor {name!r} created. Keep this token secret; it is shown only once:")
+    typer.echo(token)
+
+
+@app.command("send-test")
+def send_test(address: str) -> None:
+    """Send one test message through the configured SMTP relay, to check the settings."""
+    settings = settings_or_exit()
+    from mailer.render import Renderer
+    from mailer.smtp import SendError, SmtpConfigError, SmtpPool
+    from mailer.subscriptions import InvalidInput, normalize_email
+
+    try:
+        to = normalize_email(address)
+    except InvalidInput as exc:
+        fail(str(exc))
+
+    async def _send() -> None:
+        pool = SmtpPool(settings, size=1)
+        try:
+            data = Renderer(settings).confirmation(
+                to=to, name=None, confirm_url=f"{settings.base_url}/subscribe"
+            )
+            await pool.send(settings.from_address, to, data)
+        finally:
+            await pool.close()
+
+    try:
+        run(_send())
+    except (SendError, SmtpConfigError) as exc:
+        fail(f"SMTP relay {settings.smtp_host}:{settings.smtp_port} refused: {exc}")
+    typer.echo(f"sent a test message to {to} via {settings.smtp_host}:{settings.smtp_port}")
+
+
+# mailer dev ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_private_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        fail(
+            "no Redis: set MAILER_REDIS_URL=redis://HOST:PORT/0, or install redis-server "
+            "(Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis)"
+        )
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, url
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    fail("the private redis-server did not start")
+    raise AssertionError  # unreachable
+
+
+@app.command()
+def dev(
+    host: str = typer.Option("127.0.0.1", help="Address for the web server."),
+    port: int = typer.Option(8000, help="Port for the web server."),
+) -> None:
+    """Everything in one process: web, worker, and an SMTP catcher with an inbox page."""
+    os.environ.setdefault("MAILER_ENV", "dev")
+    base = load_settings_quietly()
+    overrides: dict[str, Any] = {}
+    if "MAILER_BASE_URL" not in os.environ:
+        overrides["base_url"] = f"http://{host}:{port}"
+    redis_proc = None
+    if "MAILER_REDIS_URL" not in os.environ:
+        workdir = Path(tempfile.mkdtemp(prefix="mailer-redis-"))
+        redis_proc, overrides["redis_url"] = _start_private_redis(workdir)
+    catcher = None
+    if "MAILER_SMTP_HOST" not in os.environ:
+        from mailer.devsmtp import DevSmtp
+
+        smtp_port = free_port()
+        catcher = DevSmtp(base.dev_inbox_dir, smtp_port)
+        catcher.start()
+        overrides.update(smtp_host="127.0.0.1", smtp_port=smtp_port)
+    settings = base.model_copy(update=overrides)
+    setup_logging(settings.log_format)
+    try:
+        from mailer.migrate import upgrade_url
+
+        upgrade_url(settings.database_url)
+        typer.echo(f"mailer dev: sign-up form  {settings.base_url}/subscribe")
+        typer.echo(f"mailer dev: dev inbox     {settings.base_url}/dev/inbox")
+        typer.echo(f"mailer dev: admin         {settings.base_url}/admin")
+        typer.echo(f"mailer dev: redis {settings.redis_url}, database {settings.database_url}")
+        sys.stdout.flush()
+        _use_uvloop()
+        run(_dev_main(settings, host, port))
+    finally:
+        if catcher is not None:
+            catcher.stop()
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(10)
+
+
+def load_settings_quietly() -> Settings:
+    return settings_or_exit()
+
+
+async def _dev_main(settings: Settings, host: str, port: int) -> None:
+    import uvicorn
+    from arq.worker import Worker
+
+    from mailer.web.app import create_app
+    from mailer.worker import worker_settings
+
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host=host, port=port, log_config=None)
+    )
+    arq_worker = Worker(**worker_settings(settings, handle_signals=False))
+    worker_task = asyncio.create_task(arq_worker.async_run())
+    try:
+        await server.serve()
+    finally:
+        worker_task.cancel()
+        await arq_worker.close()
+
+
+def main() -> None:
+    app()

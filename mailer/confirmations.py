@@ -1,0 +1,59 @@
+"""The double opt-in mail: one job per sign-up, retried on transient failures.
+
+It is sent only while the subscriber is still pending, so a retry that runs after
+the visitor already confirmed (or left) sends nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mailer.models import Subscriber, SubscriberEvent, SubscriberStatus
+from mailer.render import Renderer
+from mailer.runtime import Runtime
+from mailer.smtp import PermanentSendError, PolicyError, SmtpPool, TransientSendError
+from mailer.subscriptions import mark_bounced
+
+log = logging.getLogger("mailer.confirmations")
+
+
+class RetryLater(Exception):
+    """A transient failure: the queue should run the job again after a backoff."""
+
+
+async def send(runtime: Runtime, smtp: SmtpPool, renderer: Renderer, subscriber_id: int) -> str:
+    async with runtime.sessions() as session:
+        sub = await session.get(Subscriber, subscriber_id)
+        if sub is None or sub.status != SubscriberStatus.pending:
+            return "not pending"
+        email, name = sub.email, sub.name
+    data = renderer.confirmation(
+        to=email, name=name, confirm_url=runtime.confirm_url(subscriber_id)
+    )
+    try:
+        await smtp.send(runtime.settings.from_address, email, data)
+    except TransientSendError as exc:
+        log.info("confirmation to subscriber %s deferred: %s", subscriber_id, exc)
+        raise RetryLater(str(exc)) from exc
+    except PermanentSendError as exc:
+        async with runtime.sessions() as session:
+            if exc.suppress:
+                await mark_bounced(session, [subscriber_id], f"{exc.code} {exc.message}")
+            else:
+                session.add(
+                    SubscriberEvent(
+                        subscriber_id=subscriber_id,
+                        kind="confirmation_failed",
+                        detail=f"{exc.code} {exc.message}"[:500],
+                    )
+                )
+            await session.commit()
+        log.warning("confirmation to subscriber %s refused: %s", subscriber_id, exc.code)
+        return "bounced" if exc.suppress else "failed"
+    except PolicyError as exc:
+        log.error("confirmation to subscriber %s refused by policy: %s", subscriber_id, exc)
+        return "policy"
+    async with runtime.sessions() as session:
+        session.add(SubscriberEvent(subscriber_id=subscriber_id, kind="confirmation_sent"))
+        await session.commit()
+    return "sent"

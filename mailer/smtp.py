@@ -1,0 +1,196 @@
+"""SMTP: a pool of persistent connections and the meaning of every reply.
+
+aiosmtplib runs one transaction at a time per connection, so parallel sending
+needs several connections, not several tasks on one. A client closes itself on
+a drop, a timeout or a 421; the pool notices (``is_connected``) and reconnects
+on the next use instead of failing the next message too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from dataclasses import dataclass
+from enum import StrEnum
+
+import aiosmtplib
+
+from mailer.config import Settings, SmtpSecurity
+
+# Errors ---------------------------------------------------------------------
+
+
+class SendError(Exception):
+    """A message that was not accepted; carries the SMTP code (None: no reply at all)."""
+
+    def __init__(self, code: int | None, message: str, recipient: str | None = None) -> None:
+        super().__init__(f"{code} {message}" if code else message)
+        self.code = code
+        self.message = message
+        self.recipient = recipient
+
+
+class TransientSendError(SendError):
+    """Try again later: 4xx replies, timeouts, dropped connections."""
+
+
+class PermanentSendError(SendError):
+    """Never retry. ``suppress`` says whether the address itself is dead (a hard bounce)."""
+
+    def __init__(
+        self, code: int | None, message: str, recipient: str | None = None, *, suppress: bool
+    ) -> None:
+        super().__init__(code, message, recipient)
+        self.suppress = suppress
+
+
+class PolicyError(SendError):
+    """The receiver refuses *us* (5.7.x, 554): pause and alert, don't blame the recipient."""
+
+
+class SmtpConfigError(Exception):
+    """The relay cannot be used at all (TLS verification, authentication): not a retry."""
+
+
+# Reply classification --------------------------------------------------------
+
+
+class Verdict(StrEnum):
+    retry = "retry"
+    bounce = "bounce"  # permanent, suppress the address
+    reject = "reject"  # permanent, keep the address (message problem)
+    policy = "policy"  # permanent for this message, sender's problem
+
+
+_ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+# (reply code prefix or None, enhanced status prefix or None, verdict); first match wins.
+# RFC 5321 / RFC 3463; see FIELD-NOTES "SMTP replies".
+RULES: list[tuple[str | None, str | None, Verdict]] = [
+    ("4", None, Verdict.retry),
+    ("552", "5.5.3", Verdict.retry),  # "too many recipients" is really a 452
+    (None, "5.7.", Verdict.policy),
+    (None, "5.3.4", Verdict.reject),  # message too big: fix the message
+    (None, "5.2.2", Verdict.reject),  # mailbox full: not the address's fault forever
+    (None, "5.1.", Verdict.bounce),  # bad mailbox / domain / null MX (5.1.10)
+    (None, "5.2.1", Verdict.bounce),  # mailbox disabled
+    (None, "5.4.4", Verdict.bounce),  # unable to route
+    ("554", None, Verdict.policy),
+    ("550", None, Verdict.bounce),
+    ("551", None, Verdict.bounce),
+    ("553", None, Verdict.bounce),
+    ("5", None, Verdict.reject),
+]
+
+
+def classify(code: int | None, message: str) -> Verdict:
+    if code is None:
+        return Verdict.retry
+    match = _ENHANCED.search(message)
+    enhanced = ".".join(match.groups()) if match else ""
+    for code_prefix, status_prefix, verdict in RULES:
+        if code_prefix is not None and not str(code).startswith(code_prefix):
+            continue
+        if status_prefix is not None and not enhanced.startswith(status_prefix):
+            continue
+        return verdict
+    return Verdict.retry  # 2xx/3xx where a final reply was expected: treat as a glitch
+
+
+def error_for(code: int | None, message: str, recipient: str | None = None) -> SendError:
+    verdict = classify(code, message)
+    if verdict is Verdict.retry:
+        return TransientSendError(code, message, recipient)
+    if verdict is Verdict.policy:
+        return PolicyError(code, message, recipient)
+    return PermanentSendError(code, message, recipient, suppress=verdict is Verdict.bounce)
+
+
+# The pool --------------------------------------------------------------------
+
+
+@dataclass
+class PoolStats:
+    connections_opened: int = 0
+    transactions: int = 0
+
+
+class SmtpPool:
+    def __init__(self, settings: Settings, size: int | None = None) -> None:
+        self._settings = settings
+        self.size = size or settings.smtp_connections
+        self._idle: asyncio.LifoQueue[aiosmtplib.SMTP] = asyncio.LifoQueue()
+        for _ in range(self.size):
+            self._idle.put_nowait(self._new_client())
+        self.stats = PoolStats()
+
+    def _tls_context(self) -> ssl.SSLContext:
+        ca = self._settings.smtp_ca_file
+        return ssl.create_default_context(cafile=str(ca) if ca else None)
+
+    def _new_client(self) -> aiosmtplib.SMTP:
+        s = self._settings
+        security = s.smtp_security
+        return aiosmtplib.SMTP(
+            hostname=s.smtp_host,
+            port=s.smtp_port,
+            timeout=s.smtp_timeout_s,
+            use_tls=security is SmtpSecurity.tls,
+            start_tls=security is SmtpSecurity.starttls,
+            tls_context=self._tls_context() if security is not SmtpSecurity.none else None,
+            username=s.smtp_username,
+            password=s.smtp_password.get_secret_value() if s.smtp_password else None,
+        )
+
+    async def _ensure_connected(self, client: aiosmtplib.SMTP) -> None:
+        if client.is_connected:
+            return
+        try:
+            await client.connect()
+        except ssl.SSLError as exc:
+            raise SmtpConfigError(f"TLS to {self._settings.smtp_host} failed: {exc}") from exc
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            raise SmtpConfigError(f"SMTP authentication failed: {exc.code} {exc.message}") from exc
+        except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            if isinstance(exc.__cause__, ssl.SSLError):
+                raise SmtpConfigError(f"TLS to {self._settings.smtp_host} failed: {exc}") from exc
+            raise TransientSendError(None, f"cannot connect to SMTP relay: {exc}") from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            raise error_for(exc.code, exc.message) from exc
+        self.stats.connections_opened += 1
+
+    async def send(self, sender: str, recipient: str, data: bytes) -> None:
+        """Send one message to one recipient; raise a typed SendError unless accepted."""
+        client = await self._idle.get()
+        try:
+            await self._ensure_connected(client)
+            self.stats.transactions += 1
+            await client.sendmail(sender, [recipient], data)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            refused = exc.recipients[0]
+            raise error_for(refused.code, refused.message, recipient) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            if exc.code == 421:
+                client.close()
+            raise error_for(exc.code, exc.message, recipient) from exc
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
+            client.close()
+            raise TransientSendError(None, f"connection lost: {exc}", recipient) from exc
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            client.close()
+            raise TransientSendError(None, f"connection lost: {exc}", recipient) from exc
+        finally:
+            self._idle.put_nowait(client)
+
+    async def close(self) -> None:
+        clients = []
+        while not self._idle.empty():
+            clients.append(self._idle.get_nowait())
+        for client in clients:
+            if client.is_connected:
+                try:
+                    await asyncio.wait_for(client.quit(), 2)
+                except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                    client.close()
+            self._idle.put_nowait(client)

@@ -1,0 +1,196 @@
+"""The subscriber lifecycle: subscribe → (confirm) → unsubscribe, and bounces.
+
+Every transition is a single short transaction that also appends an event, so
+``subscriber_events`` is the proof of consent and of every opt-out. Replies to
+the visitor never reveal whether an address was already known (invariant 8).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from email_validator import EmailNotValidError, validate_email
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mailer.db import utcnow
+from mailer.models import Subscriber, SubscriberEvent, SubscriberStatus
+from mailer.tokens import ConfirmClaim, TokenError
+
+MAX_EMAIL_LENGTH = 254
+MAX_NAME_LENGTH = 200
+
+
+class InvalidInput(ValueError):
+    """Input a visitor can fix; ``field`` and the message are shown to them."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _has_control(text: str) -> bool:
+    return any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in text)
+
+
+def normalize_email(raw: object) -> str:
+    """Validate and normalize an address; raise InvalidInput saying what is wrong."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise InvalidInput("email", "an email address is required")
+    text = raw.strip()
+    if len(text) > MAX_EMAIL_LENGTH:
+        raise InvalidInput("email", f"is longer than {MAX_EMAIL_LENGTH} characters")
+    if _has_control(text) or any(ch.isspace() for ch in text):
+        raise InvalidInput("email", "must not contain spaces or control characters")
+    try:
+        result = validate_email(text, check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError as exc:
+        raise InvalidInput("email", str(exc)) from None
+    address = (result.ascii_email or result.normalized).lower()
+    if len(address) > MAX_EMAIL_LENGTH:
+        raise InvalidInput("email", f"is longer than {MAX_EMAIL_LENGTH} characters")
+    return address
+
+
+def normalize_name(raw: object) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise InvalidInput("name", "must be text")
+    name = raw.strip()
+    if not name:
+        return None
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidInput("name", f"is longer than {MAX_NAME_LENGTH} characters")
+    if _has_control(name):
+        raise InvalidInput("name", "must not contain control characters or line breaks")
+    return name
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a request came from, recorded with every event."""
+
+    ip: str | None = None
+    user_agent: str | None = None
+    source: str | None = None
+
+    def event(self, subscriber_id: int, kind: str, detail: str | None = None) -> SubscriberEvent:
+        return SubscriberEvent(
+            subscriber_id=subscriber_id,
+            kind=kind,
+            ip=self.ip,
+            user_agent=(self.user_agent or "")[:512] or None,
+            detail=detail,
+        )
+
+
+async def subscribe(
+    session: AsyncSession, email: str, name: str | None, origin: Origin, *, resend_after_s: int
+) -> int | None:
+    """Record a sign-up. Returns the subscriber id to mail a confirmation to, or None.
+
+    None means "send nothing": already confirmed, or a confirmation went out less
+    than ``resend_after_s`` ago (the cooldown that stops mail bombing a victim).
+    """
+    for _attempt in range(2):
+        try:
+            return await _subscribe_once(session, email, name, origin, resend_after_s)
+        except IntegrityError:  # a concurrent sign-up of the same address won the insert
+            await session.rollback()
+    raise RuntimeError("could not record sign-up")  # pragma: no cover
+
+
+async def _subscribe_once(
+    session: AsyncSession, email: str, name: str | None, origin: Origin, resend_after_s: int
+) -> int | None:
+    now = utcnow()
+    sub = await session.scalar(select(Subscriber).where(Subscriber.email == email))
+    if sub is None:
+        sub = Subscriber(email=email, name=name, status=SubscriberStatus.pending)
+        session.add(sub)
+        await session.flush()
+        session.add(origin.event(sub.id, "signup"))
+    elif sub.status == SubscriberStatus.confirmed:
+        session.add(origin.event(sub.id, "signup_repeat", "already confirmed"))
+        await session.commit()
+        return None
+    elif sub.status in (SubscriberStatus.unsubscribed, SubscriberStatus.bounced):
+        previous = sub.status
+        sub.status = SubscriberStatus.pending
+        if name:
+            sub.name = name
+        session.add(origin.event(sub.id, "signup", f"again after {previous}"))
+    else:
+        session.add(origin.event(sub.id, "signup_repeat", "pending"))
+    cutoff = now - timedelta(seconds=resend_after_s)
+    claimed = await session.execute(
+        update(Subscriber)
+        .where(Subscriber.id == sub.id)
+        .where(or_(Subscriber.confirm_sent_at.is_(None), Subscriber.confirm_sent_at < cutoff))
+        .values(confirm_sent_at=now)
+    )
+    sub_id = sub.id
+    await session.commit()
+    return sub_id if claimed.rowcount == 1 else None  # type: ignore[attr-defined]
+
+
+async def confirm(session: AsyncSession, claim: ConfirmClaim, origin: Origin) -> Subscriber:
+    """Confirm (idempotent). A link older than a later unsubscribe or bounce no longer works."""
+    sub = await session.get(Subscriber, claim.subscriber_id, with_for_update=True)
+    if sub is None:
+        raise TokenError("This confirmation link is not valid.")
+    if sub.status == SubscriberStatus.confirmed:
+        return sub
+    if sub.status != SubscriberStatus.pending:
+        ended = sub.unsubscribed_at or sub.bounced_at
+        if ended is None or claim.issued_at <= ended.timestamp():
+            raise TokenError("This confirmation link is no longer valid.", expired=True)
+    now = utcnow()
+    sub.status = SubscriberStatus.confirmed
+    sub.confirmed_at = now
+    sub.consent_at = now
+    sub.consent_ip = origin.ip
+    sub.consent_user_agent = (origin.user_agent or "")[:512] or None
+    sub.consent_source = origin.source or "double opt-in"
+    session.add(origin.event(sub.id, "confirmed"))
+    await session.commit()
+    return sub
+
+
+async def unsubscribe(
+    session: AsyncSession, subscriber_id: int, origin: Origin, how: str
+) -> Subscriber:
+    """Unsubscribe (idempotent). Committed before we answer, so sending checks see it."""
+    sub = await session.get(Subscriber, subscriber_id, with_for_update=True)
+    if sub is None:
+        raise TokenError("This unsubscribe link is not valid.")
+    if sub.status != SubscriberStatus.unsubscribed:
+        sub.status = SubscriberStatus.unsubscribed
+        sub.unsubscribed_at = utcnow()
+        session.add(origin.event(sub.id, "unsubscribed", how))
+        await session.commit()
+    return sub
+
+
+async def mark_bounced(
+    session: AsyncSession, subscriber_ids: list[int], detail: str, at: datetime | None = None
+) -> None:
+    """Suppress hard-bounced addresses: no further mail of any kind goes to them."""
+    if not subscriber_ids:
+        return
+    when = at or utcnow()
+    await session.execute(
+        update(Subscriber)
+        .where(Subscriber.id.in_(subscriber_ids))
+        .where(Subscriber.status != SubscriberStatus.bounced)
+        .values(status=SubscriberStatus.bounced, bounced_at=when)
+    )
+    session.add_all(
+        SubscriberEvent(subscriber_id=sid, kind="bounced", detail=detail[:500])
+        for sid in subscriber_ids
+    )

@@ -1,0 +1,251 @@
+"""The editor API: statements, test sends, blasts and subscribers, behind bearer tokens."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import func, select
+
+from mailer import blasts, statements
+from mailer.editors import authenticate
+from mailer.models import Editor, Subscriber, SubscriberEvent, SubscriberStatus
+from mailer.render import Renderer, StatementContent, make_message_id
+from mailer.smtp import SendError, SmtpConfigError, SmtpPool
+from mailer.subscriptions import InvalidInput, normalize_email
+from mailer.web.context import AppContext, get_ctx
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers
+
+
+async def current_editor(request: Request) -> Editor:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "missing bearer token", {"WWW-Authenticate": "Bearer"})
+    ctx = get_ctx(request)
+    async with ctx.runtime.sessions() as session:
+        editor = await authenticate(session, token.strip())
+    if editor is None:
+        raise ApiError(403, "invalid editor token")
+    return editor
+
+
+EditorDep = Annotated[Editor, Depends(current_editor)]
+router = APIRouter(prefix="/api")
+
+
+def _statement_json(s: Any) -> dict[str, Any]:
+    return {
+        "id": s.id,
+        "title": s.title,
+        "author": s.author,
+        "url": s.url,
+        "body_markdown": s.body_markdown,
+        "body_html": s.body_html,
+        "body_text": s.body_text,
+        "editor_id": s.editor_id,
+        "created_at": s.created_at.isoformat(),
+        "updated_at": s.updated_at.isoformat(),
+    }
+
+
+@router.post("/statements", status_code=201)
+async def create_statement(
+    request: Request, data: statements.StatementIn, editor: EditorDep
+) -> JSONResponse:
+    ctx = get_ctx(request)
+    async with ctx.runtime.sessions() as session:
+        statement = await statements.create_statement(session, data, editor.id)
+    return JSONResponse(_statement_json(statement), 201)
+
+
+async def _statement_or_404(ctx: AppContext, statement_id: int) -> Any:
+    async with ctx.runtime.sessions() as session:
+        statement = await statements.get_statement(session, statement_id)
+    if statement is None:
+        raise ApiError(404, f"no statement with id {statement_id}")
+    return statement
+
+
+@router.get("/statements/{statement_id}")
+async def get_statement(request: Request, statement_id: int, _: EditorDep) -> dict[str, Any]:
+    return _statement_json(await _statement_or_404(get_ctx(request), statement_id))
+
+
+@router.get("/statements/{statement_id}/preview", response_class=HTMLResponse)
+async def preview(request: Request, statement_id: int, _: EditorDep) -> HTMLResponse:
+    ctx = get_ctx(request)
+    statement = await _statement_or_404(ctx, statement_id)
+    html = Renderer(ctx.runtime.settings).preview_html(StatementContent.from_model(statement))
+    return HTMLResponse(html)
+
+
+class TestSendIn(BaseModel):
+    to: list[str] = Field(min_length=1, max_length=20)
+
+
+@router.post("/statements/{statement_id}/test")
+async def send_test(
+    request: Request, statement_id: int, data: TestSendIn, _: EditorDep
+) -> dict[str, Any]:
+    ctx = get_ctx(request)
+    settings = ctx.runtime.settings
+    try:
+        recipients = [normalize_email(a) for a in data.to]
+    except InvalidInput as exc:
+        raise ApiError(422, f"to: {exc.message}") from None
+    statement = await _statement_or_404(ctx, statement_id)
+    compiled = Renderer(settings).compile_statement(
+        StatementContent.from_model(statement), blast_id=None, test=True
+    )
+    pool = SmtpPool(settings, size=1)
+    results: dict[str, str] = {}
+    try:
+        for to in recipients:
+            data_bytes = compiled.build(
+                to=to,
+                unsubscribe_url=f"{settings.base_url}/unsubscribe/test-copy",
+                message_id=make_message_id(settings, None, None),
+            )
+            try:
+                await pool.send(settings.from_address, to, data_bytes)
+                results[to] = "sent"
+            except SendError as exc:
+                results[to] = f"refused: {exc}"
+            except SmtpConfigError as exc:
+                raise ApiError(502, f"SMTP relay unusable: {exc}") from None
+    finally:
+        await pool.close()
+    return {"statement_id": statement_id, "results": results}
+
+
+class BlastIn(BaseModel):
+    statement_id: int
+    send_at: datetime | None = None
+
+
+@router.post("/blasts", status_code=202)
+async def create_blast(request: Request, data: BlastIn, editor: EditorDep) -> JSONResponse:
+    ctx = get_ctx(request)
+    try:
+        blast = await blasts.create(
+            ctx.runtime, ctx.queue, data.statement_id, data.send_at, editor.id
+        )
+    except blasts.BlastError as exc:
+        raise ApiError(exc.status, exc.message) from None
+    return JSONResponse(await _blast_json(ctx, blast.id), 202)
+
+
+async def _blast_json(ctx: AppContext, blast_id: int) -> dict[str, Any]:
+    async with ctx.runtime.sessions() as session:
+        progress = await blasts.progress(session, blast_id)
+    if progress is None:
+        raise ApiError(404, f"no blast with id {blast_id}")
+    return progress.as_dict()
+
+
+@router.get("/blasts")
+async def list_blasts(
+    request: Request,
+    _: EditorDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    ctx = get_ctx(request)
+    async with ctx.runtime.sessions() as session:
+        items = await blasts.list_blasts(session, limit, offset)
+    return {"items": [p.as_dict() for p in items]}
+
+
+@router.get("/blasts/{blast_id}")
+async def get_blast(request: Request, blast_id: int, _: EditorDep) -> dict[str, Any]:
+    return await _blast_json(get_ctx(request), blast_id)
+
+
+@router.post("/blasts/{blast_id}/{action}")
+async def blast_action(request: Request, blast_id: int, action: str, _: EditorDep) -> JSONResponse:
+    ctx = get_ctx(request)
+    try:
+        if action == "pause":
+            await blasts.pause(ctx.runtime, blast_id)
+        elif action == "resume":
+            await blasts.resume(ctx.runtime, ctx.queue, blast_id)
+        elif action == "cancel":
+            await blasts.cancel(ctx.runtime, blast_id)
+        else:
+            raise ApiError(404, f"unknown action {action!r}; use pause, resume or cancel")
+    except blasts.BlastError as exc:
+        raise ApiError(exc.status, exc.message) from None
+    return JSONResponse(await _blast_json(ctx, blast_id))
+
+
+def _subscriber_json(s: Subscriber) -> dict[str, Any]:
+    return {
+        "id": s.id,
+        "email": s.email,
+        "name": s.name,
+        "status": s.status,
+        "created_at": s.created_at.isoformat(),
+        "confirmed_at": s.confirmed_at.isoformat() if s.confirmed_at else None,
+        "unsubscribed_at": s.unsubscribed_at.isoformat() if s.unsubscribed_at else None,
+        "consent": {
+            "at": s.consent_at.isoformat() if s.consent_at else None,
+            "ip": s.consent_ip,
+            "user_agent": s.consent_user_agent,
+            "source": s.consent_source,
+        },
+    }
+
+
+@router.get("/subscribers")
+async def list_subscribers(
+    request: Request,
+    _: EditorDep,
+    status: SubscriberStatus | None = None,
+    q: Annotated[str | None, Query(max_length=320)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    ctx = get_ctx(request)
+    query = select(Subscriber)
+    count = select(func.count()).select_from(Subscriber)
+    if status is not None:
+        query = query.where(Subscriber.status == status)
+        count = count.where(Subscriber.status == status)
+    if q:
+        query = query.where(Subscriber.email.contains(q.lower(), autoescape=True))
+        count = count.where(Subscriber.email.contains(q.lower(), autoescape=True))
+    async with ctx.runtime.sessions() as session:
+        total = await session.scalar(count)
+        rows = await session.scalars(query.order_by(Subscriber.id).limit(limit).offset(offset))
+        items = [_subscriber_json(s) for s in rows]
+    return {"total": total, "limit": limit, "offset": offset, "items": items}
+
+
+@router.get("/subscribers/{subscriber_id}")
+async def get_subscriber(request: Request, subscriber_id: int, _: EditorDep) -> dict[str, Any]:
+    ctx = get_ctx(request)
+    async with ctx.runtime.sessions() as session:
+        sub = await session.get(Subscriber, subscriber_id)
+        if sub is None:
+            raise ApiError(404, f"no subscriber with id {subscriber_id}")
+        events = await session.scalars(
+            select(SubscriberEvent)
+            .where(SubscriberEvent.subscriber_id == subscriber_id)
+            .order_by(SubscriberEvent.id)
+        )
+        out = _subscriber_json(sub)
+        out["events"] = [
+            {"kind": e.kind, "at": e.at.isoformat(), "ip": e.ip, "detail": e.detail} for e in events
+        ]
+    return out

@@ -1,0 +1,195 @@
+"""Public pages: sign up, confirm, unsubscribe.
+
+GET never changes anything (mail scanners fetch every link); POST acts. The
+unsubscribe POST doubles as the RFC 8058 one-click target, so it needs no
+cookie, no CSRF token and never redirects. Sign-up replies are identical for
+every valid address, so the form cannot be used to probe who is subscribed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from mailer import subscriptions
+from mailer.models import Subscriber
+from mailer.subscriptions import InvalidInput, Origin
+from mailer.tokens import TokenError
+from mailer.web.context import AppContext, client_ip, get_ctx, wants_json
+
+router = APIRouter()
+
+ACCEPTED = {
+    "status": "accepted",
+    "message": "Thank you. If this address can receive mail, a confirmation link is on its way. "
+    "Your subscription starts when you click it.",
+}
+
+
+def _page(
+    ctx: AppContext,
+    request: Request,
+    name: str,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+    **values: Any,
+) -> HTMLResponse:
+    return ctx.templates.TemplateResponse(
+        request, name, values, status_code=status, headers=headers
+    )
+
+
+def _origin(ctx: AppContext, request: Request, source: str) -> Origin:
+    return Origin(
+        ip=client_ip(request, ctx.runtime.settings.trusted_proxies),
+        user_agent=request.headers.get("user-agent"),
+        source=source,
+    )
+
+
+@router.get("/subscribe", response_class=HTMLResponse)
+async def subscribe_form(request: Request) -> HTMLResponse:
+    return _page(get_ctx(request), request, "subscribe.html")
+
+
+async def _read_form(request: Request) -> dict[str, Any]:
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            data = json.loads(await request.body() or b"null")
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidInput("body", "is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise InvalidInput("body", 'must be a JSON object like {"email": "…"}')
+        return data
+    form = await request.form()
+    return {k: v for k, v in form.items() if isinstance(v, str)}
+
+
+async def _over_ip_limit(ctx: AppContext, ip: str) -> int:
+    """Fixed one-minute windows per client IP; returns seconds to wait, 0 when allowed."""
+    now = time.time()
+    window = int(now // 60)
+    key = ctx.runtime.keys.subscribe_ip(ip, window)
+    async with ctx.runtime.redis.pipeline(transaction=True) as pipe:
+        pipe.incr(key)
+        pipe.expire(key, 120)
+        count, _ = await pipe.execute()
+    if int(count) > ctx.runtime.settings.subscribe_limit_per_minute:
+        return max(1, int((window + 1) * 60 - now) + 1)
+    return 0
+
+
+@router.post("/subscribe", status_code=202)
+async def subscribe(request: Request) -> Response:
+    ctx = get_ctx(request)
+    settings = ctx.runtime.settings
+    as_json = wants_json(request)
+    origin = _origin(ctx, request, "web form")
+
+    wait = await _over_ip_limit(ctx, origin.ip or "unknown")
+    if wait:
+        message = "Too many sign-ups from your network. Please try again in a minute."
+        headers = {"Retry-After": str(wait)}
+        if as_json:
+            return JSONResponse({"detail": message}, 429, headers=headers)
+        return _page(ctx, request, "subscribe.html", 429, error=message, headers=headers)
+
+    data: dict[str, Any] = {}
+    try:
+        data = await _read_form(request)
+        email = subscriptions.normalize_email(data.get("email"))
+        name = subscriptions.normalize_name(data.get("name"))
+    except InvalidInput as exc:
+        if as_json:
+            return JSONResponse({"detail": str(exc), "field": exc.field}, 422)
+        typed = data.get("email")
+        return _page(
+            ctx,
+            request,
+            "subscribe.html",
+            422,
+            error=str(exc),
+            email=typed if isinstance(typed, str) else "",
+        )
+
+    if not data.get("website"):  # the honeypot: people never see or fill it
+        async with ctx.runtime.sessions() as session:
+            sub_id = await subscriptions.subscribe(
+                session, email, name, origin, resend_after_s=settings.confirm_resend_s
+            )
+        if sub_id is not None:
+            job_id = ctx.runtime.keys.confirm_job_id(sub_id, int(time.time()))
+            await ctx.queue.confirmation(sub_id, job_id)
+
+    if as_json:
+        return JSONResponse(ACCEPTED, 202)
+    return _page(ctx, request, "subscribe_done.html", 202, message=ACCEPTED["message"])
+
+
+def _token_error(ctx: AppContext, request: Request, exc: TokenError) -> Response:
+    if wants_json(request):
+        return JSONResponse({"detail": exc.reason}, 400)
+    return _page(ctx, request, "error.html", 400, message=exc.reason, expired=exc.expired)
+
+
+async def _known(ctx: AppContext, subscriber_id: int, what: str) -> None:
+    """GET pages only read: a signed link to an erased subscriber is still a dead link."""
+    async with ctx.runtime.sessions() as session:
+        if await session.get(Subscriber, subscriber_id) is None:
+            raise TokenError(f"This {what} link is not valid.")
+
+
+@router.get("/confirm/{token}", response_class=HTMLResponse)
+async def confirm_page(request: Request, token: str) -> Response:
+    ctx = get_ctx(request)
+    try:
+        claim = ctx.runtime.tokens.read_confirm(token)
+        await _known(ctx, claim.subscriber_id, "confirmation")
+    except TokenError as exc:
+        return _token_error(ctx, request, exc)
+    return _page(ctx, request, "confirm.html", token=token)
+
+
+@router.post("/confirm/{token}")
+async def confirm(request: Request, token: str) -> Response:
+    ctx = get_ctx(request)
+    try:
+        claim = ctx.runtime.tokens.read_confirm(token)
+        async with ctx.runtime.sessions() as session:
+            await subscriptions.confirm(session, claim, _origin(ctx, request, "double opt-in"))
+    except TokenError as exc:
+        return _token_error(ctx, request, exc)
+    if wants_json(request):
+        return JSONResponse({"status": "confirmed"})
+    return _page(ctx, request, "confirmed.html")
+
+
+@router.get("/unsubscribe/{token}", response_class=HTMLResponse)
+async def unsubscribe_page(request: Request, token: str) -> Response:
+    ctx = get_ctx(request)
+    try:
+        await _known(ctx, ctx.runtime.tokens.read_unsubscribe(token), "unsubscribe")
+    except TokenError as exc:
+        return _token_error(ctx, request, exc)
+    return _page(ctx, request, "unsubscribe.html", token=token)
+
+
+@router.post("/unsubscribe/{token}")
+async def unsubscribe(request: Request, token: str) -> Response:
+    """Both the page's button and RFC 8058 one-click land here; the body is not needed."""
+    ctx = get_ctx(request)
+    ctype = request.headers.get("content-type", "")
+    how = "one-click" if ("form" in ctype and not request.headers.get("cookie")) else "page"
+    try:
+        sub_id = ctx.runtime.tokens.read_unsubscribe(token)
+        async with ctx.runtime.sessions() as session:
+            await subscriptions.unsubscribe(session, sub_id, _origin(ctx, request, how), how)
+    except TokenError as exc:
+        return _token_error(ctx, request, exc)
+    if wants_json(request):
+        return JSONResponse({"status": "unsubscribed"})
+    return _page(ctx, request, "unsubscribed.html")

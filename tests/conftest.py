@@ -1,0 +1,197 @@
+"""Shared fixtures: real Redis, real SMTP (aiosmtpd), SQLite and PostgreSQL, real uvicorn.
+
+Each test gets its own database (a fresh SQLite file or a fresh PostgreSQL
+database) and its own queue name, which prefixes every Redis key it touches.
+Services that are missing make the test fail, never skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import redis.asyncio as aioredis
+import uvicorn
+from arq.worker import Worker
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from smtpserver import SmtpServer, free_port  # noqa: E402
+
+from mailer.config import Settings, load_settings  # noqa: E402
+from mailer.db import make_engine  # noqa: E402
+from mailer.migrate import upgrade  # noqa: E402
+from mailer.web.app import create_app  # noqa: E402
+from mailer.worker import worker_settings  # noqa: E402
+
+REDIS_URL = os.environ.get("MAILER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+PG_DSN = os.environ.get("MAILER_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def pg_url(database: str) -> str:
+    base = PG_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+    return f"{base}/{database}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'mailer.db'}"
+        return
+    name = f"mailer_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(PG_DSN)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield pg_url(name)
+    finally:
+        admin = await asyncpg.connect(PG_DSN)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpServer]:
+    server = SmtpServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(REDIS_URL)
+    await client.ping()  # fails loudly when Redis is down
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def web_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    """Override per test with @pytest.mark.parametrize("settings_overrides", [{...}])."""
+    return {}
+
+
+@pytest.fixture
+async def settings(
+    db_url: str,
+    smtp: SmtpServer,
+    redis: aioredis.Redis,
+    web_port: int,
+    tmp_path: Path,
+    settings_overrides: dict[str, Any],
+) -> AsyncIterator[Settings]:
+    queue = f"test-{uuid.uuid4().hex[:10]}"
+    s = load_settings(
+        env="dev",
+        database_url=db_url,
+        redis_url=REDIS_URL,
+        queue_name=queue,
+        smtp_host="127.0.0.1",
+        smtp_port=smtp.port,
+        smtp_timeout_s=5,
+        smtp_connections=4,
+        base_url=f"http://127.0.0.1:{web_port}",
+        secret_key="test-secret-key-0123456789",
+        retry_base_s=0.05,
+        reconcile_interval_s=1,
+        batch_size=50,
+        dev_inbox_dir=tmp_path / "inbox",
+        subscribe_limit_per_minute=1000,
+        delivery_lease_s=5,
+    ).model_copy(update=settings_overrides)
+    engine = make_engine(db_url)
+    await upgrade(engine)
+    await engine.dispose()
+    yield s
+    await clean_redis(redis, queue)
+
+
+async def clean_redis(redis: aioredis.Redis, queue: str) -> None:
+    for pattern in (f"{queue}*", f"arq:*:{queue}:*"):
+        keys = [k async for k in redis.scan_iter(match=pattern, count=1000)]
+        if keys:
+            await redis.delete(*keys)
+
+
+@pytest.fixture
+async def live(settings: Settings, web_port: int) -> AsyncIterator[httpx.AsyncClient]:
+    """The app served by uvicorn on a real socket, and a client pointed at it."""
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=web_port, log_config=None)
+    )
+    task = asyncio.create_task(server.serve())
+    for _ in range(200):
+        if server.started:
+            break
+        await asyncio.sleep(0.02)
+    assert server.started, "uvicorn did not start"
+    async with httpx.AsyncClient(base_url=settings.base_url, timeout=10) as client:
+        yield client
+    server.should_exit = True
+    await task
+
+
+@pytest.fixture
+async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The app over ASGI (no socket), lifespan included."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 5000))
+        async with httpx.AsyncClient(transport=transport, base_url=settings.base_url) as client:
+            yield client
+
+
+WorkerFactory = Callable[..., Worker]
+
+
+@pytest.fixture
+async def start_worker(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
+    """Start in-process arq workers; all are closed at the end of the test."""
+    workers: list[tuple[Worker, asyncio.Task[None]]] = []
+
+    async def _start(**overrides: Any) -> Worker:
+        s = overrides.pop("settings", settings)
+        worker = Worker(**worker_settings(s, handle_signals=False, **overrides))
+        task = asyncio.create_task(worker.async_run())
+        workers.append((worker, task))
+        return worker
+
+    yield _start
+    for worker, task in workers:
+        task.cancel()
+        await worker.close()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001
+            pass
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, step: float = 0.05) -> Any:
+    """Poll an (async) predicate until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(step)

@@ -1,0 +1,75 @@
+"""Small helpers for reading state back: rows in SQL, links in received mail."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy import func, select, text
+
+from mailer.config import Settings
+from mailer.db import make_engine, make_sessionmaker
+from mailer.models import Subscriber, SubscriberEvent
+
+
+async def sql(settings: Settings, query: str, **params: Any) -> list[tuple[Any, ...]]:
+    engine = make_engine(settings.database_url)
+    try:
+        async with engine.connect() as conn:
+            result = await conn.execute(text(query), params)
+            return [tuple(r) for r in result]
+    finally:
+        await engine.dispose()
+
+
+async def table_counts(settings: Settings) -> dict[str, int]:
+    tables = ["subscribers", "subscriber_events", "statements", "blasts", "deliveries"]
+    out = {}
+    for table in tables:
+        rows = await sql(settings, f"SELECT count(*) FROM {table}")  # noqa: S608
+        out[table] = int(rows[0][0])
+    return out
+
+
+async def subscriber(settings: Settings, email: str) -> Subscriber | None:
+    engine = make_engine(settings.database_url)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            return await session.scalar(select(Subscriber).where(Subscriber.email == email))
+    finally:
+        await engine.dispose()
+
+
+async def events(settings: Settings, subscriber_id: int) -> list[SubscriberEvent]:
+    engine = make_engine(settings.database_url)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            rows = await session.scalars(
+                select(SubscriberEvent)
+                .where(SubscriberEvent.subscriber_id == subscriber_id)
+                .order_by(SubscriberEvent.id)
+            )
+            return list(rows)
+    finally:
+        await engine.dispose()
+
+
+async def count_subscribers(settings: Settings) -> int:
+    engine = make_engine(settings.database_url)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            return int(await session.scalar(select(func.count()).select_from(Subscriber)) or 0)
+    finally:
+        await engine.dispose()
+
+
+def find_link(body: str, kind: str) -> str:
+    match = re.search(rf"https?://[^\s\"'<>]+/{kind}/[A-Za-z0-9_.\-]+", body)
+    assert match, f"no /{kind}/ link in: {body[:500]}"
+    return match.group(0)
+
+
+def text_body(msg: Any) -> str:
+    part = msg.get_body(preferencelist=("plain",))
+    assert part is not None, "no text/plain part"
+    return str(part.get_content())

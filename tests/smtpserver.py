@@ -1,0 +1,181 @@
+"""A real SMTP server for tests: aiosmtpd in the test process, recording every message.
+
+It can answer any reply (421/451/550 …) or drop the connection on cue, counts
+connections, and speaks STARTTLS or implicit TLS with a given certificate.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+DROP = "drop"
+# A fault plan sees (recipient, attempt number for that recipient) and returns None to accept,
+# an SMTP reply line such as "451 4.3.0 try later" to refuse, or DROP to cut the line.
+FaultPlan = Callable[[str, int], str | None]
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt: str
+    data: bytes
+    at: float
+    session: int
+
+    @property
+    def message(self) -> EmailMessage:
+        msg = message_from_bytes(self.data, policy=policy.default)
+        assert isinstance(msg, EmailMessage)
+        return msg
+
+
+@dataclass
+class Recorder:
+    messages: list[Received] = field(default_factory=list)
+    attempts: dict[str, int] = field(default_factory=dict)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    connections: int = 0
+    plan: FaultPlan | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def to(self, rcpt: str) -> list[Received]:
+        with self.lock:
+            return [m for m in self.messages if m.rcpt == rcpt]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        with self.lock:
+            for m in self.messages:
+                out[m.rcpt] = out.get(m.rcpt, 0) + 1
+        return out
+
+    def clear(self) -> None:
+        with self.lock:
+            self.messages.clear()
+            self.attempts.clear()
+            self.refused.clear()
+            self.connections = 0
+
+
+class _Handler:
+    def __init__(self, recorder: Recorder) -> None:
+        self.rec = recorder
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        rec = self.rec
+        rcpts = list(envelope.rcpt_tos)
+        replies = []
+        for rcpt in rcpts:
+            with rec.lock:
+                attempt = rec.attempts.get(rcpt, 0) + 1
+                rec.attempts[rcpt] = attempt
+            verdict = rec.plan(rcpt, attempt) if rec.plan else None
+            replies.append(verdict)
+        for rcpt, verdict in zip(rcpts, replies, strict=True):
+            if verdict == DROP:
+                with rec.lock:
+                    rec.refused.append((rcpt, DROP))
+                if server.transport is not None:
+                    server.transport.abort()
+                return "421 4.4.2 connection dropped"
+            if verdict is not None:
+                with rec.lock:
+                    rec.refused.append((rcpt, verdict))
+                return verdict
+        data = envelope.original_content or b""
+        with rec.lock:
+            for rcpt in rcpts:
+                rec.messages.append(
+                    Received(str(envelope.mail_from), rcpt, data, time.time(), id(session))
+                )
+        return "250 2.0.0 OK queued"
+
+
+class _CountingSMTP(SMTP):
+    recorder: Recorder
+
+    def connection_made(self, transport: Any) -> None:
+        with self.recorder.lock:
+            self.recorder.connections += 1
+        super().connection_made(transport)
+
+
+class _Controller(Controller):
+    def __init__(self, recorder: Recorder, **kwargs: Any) -> None:
+        self._recorder = recorder
+        super().__init__(_Handler(recorder), **kwargs)
+
+    def factory(self) -> SMTP:
+        smtp = _CountingSMTP(self.handler, **self.SMTP_kwargs)
+        smtp.recorder = self._recorder
+        return smtp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class SmtpServer:
+    """Start with ``start()``; ``port`` and ``recorder`` are then ready to use."""
+
+    def __init__(
+        self,
+        *,
+        tls_context: ssl.SSLContext | None = None,
+        starttls_context: ssl.SSLContext | None = None,
+        require_starttls: bool = False,
+    ) -> None:
+        self.recorder = Recorder()
+        kwargs: dict[str, Any] = {
+            "hostname": "127.0.0.1",
+            "port": free_port(),
+            "ready_timeout": 10,
+            "decode_data": False,
+            "data_size_limit": 10 * 1024 * 1024,
+        }
+        if tls_context is not None:
+            kwargs["ssl_context"] = tls_context
+        if starttls_context is not None:
+            kwargs["server_kwargs"] = {
+                "tls_context": starttls_context,
+                "require_starttls": require_starttls,
+            }
+        self._controller = _Controller(self.recorder, **kwargs)
+        self.port = 0
+
+    def start(self) -> SmtpServer:
+        self._controller.start()
+        server = self._controller.server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]
+        self.recorder.connections = 0  # the controller's own readiness probe
+        return self
+
+    def stop(self) -> None:
+        self._controller.stop()
+
+    @property
+    def messages(self) -> list[Received]:
+        with self.recorder.lock:
+            return list(self.recorder.messages)
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.recorder.messages) >= count:
+                return self.messages
+            time.sleep(0.02)
+        raise AssertionError(f"expected {count} messages, got {len(self.recorder.messages)}")
