@@ -44,7 +44,11 @@ def _split_csv(value: object) -> object:
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="MAILER_", env_file=".env", extra="ignore", validate_default=True
+        env_prefix="MAILER_",
+        env_file=".env",
+        extra="ignore",
+        validate_default=True,
+        env_ignore_empty=True,
     )
 
     env: Env = Env.dev

@@ -164,6 +164,8 @@ def worker_settings(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "keep_result": 60,
         "handle_signals": True,
         "allow_abort_jobs": False,
+        # On SIGTERM let running batches finish (compose gives 30 s) instead of cutting them.
+        "job_completion_wait": 25,
     }
     values.update(overrides)
     return values

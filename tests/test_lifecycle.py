@@ -267,3 +267,41 @@ async def test_honeypot_drops_bots_silently(
     await __import__("asyncio").sleep(0.5)
     assert await subscriber(settings, "bot@example.com") is None
     assert smtp.recorder.to("bot@example.com") == []
+
+
+async def test_confirmation_retried_after_451_then_delivered_once(
+    app_client: httpx.AsyncClient, smtp: SmtpServer, settings: Settings, start_worker: Any
+) -> None:
+    smtp.recorder.plan = lambda rcpt, attempt: "451 4.3.0 greylisted" if attempt <= 2 else None
+    await start_worker()
+    r = await app_client.post("/subscribe", json={"email": "grey@example.com"})
+    assert r.status_code == 202
+    await wait_until(lambda: smtp.recorder.to("grey@example.com"))
+    await __import__("asyncio").sleep(1.0)  # any duplicate would have arrived by now
+    assert len(smtp.recorder.to("grey@example.com")) == 1
+    assert smtp.recorder.attempts["grey@example.com"] == 3
+    sub = await subscriber(settings, "grey@example.com")
+    assert sub is not None and sub.status == "pending"
+
+
+async def test_confirmation_550_bounces_and_worker_keeps_running(
+    app_client: httpx.AsyncClient, smtp: SmtpServer, settings: Settings, start_worker: Any
+) -> None:
+    smtp.recorder.plan = lambda rcpt, attempt: (
+        "550 5.1.1 no such user" if rcpt.startswith("nobody") else None
+    )
+    await start_worker()
+    assert (await app_client.post("/subscribe", json={"email": "nobody@example.com"})).status_code == 202
+
+    async def bounced() -> bool:
+        sub = await subscriber(settings, "nobody@example.com")
+        return sub is not None and sub.status == "bounced"
+
+    await wait_until(bounced)
+    assert smtp.recorder.to("nobody@example.com") == []
+    sub = await subscriber(settings, "nobody@example.com")
+    assert sub is not None
+    assert any(e.kind == "bounced" and "5.1.1" in (e.detail or "") for e in await events(settings, sub.id))
+    # the same worker still serves the next job
+    assert (await app_client.post("/subscribe", json={"email": "next@example.com"})).status_code == 202
+    await wait_until(lambda: smtp.recorder.to("next@example.com"))
