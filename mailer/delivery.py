@@ -99,6 +99,9 @@ class Sender:
         self.renderer = renderer
         self.throttle = throttle or Throttle.from_settings(runtime.redis, runtime.settings)
         self._compiled: OrderedDict[int, CompiledMessage] = OrderedDict()
+        # One chunk at a time per process: the SMTP pool already bounds parallel sends, and a
+        # single unflushed buffer per process is what bounds repeats after a crash.
+        self._sending = asyncio.Lock()
 
     # Public entry point ------------------------------------------------------------
 
@@ -115,13 +118,25 @@ class Sender:
                     job_id = self.runtime.keys.batch_job_id(blast_id, remaining)
                     await self.queue.batch(job_id, blast_id, remaining, last_id)
                 return "continued"
-            claimed = await self._claim(blast_id, first_id, last_id, self._chunk_size())
-            if not claimed:
-                break
-            await self.runtime.redis.set(
-                self.runtime.keys.blast_active(blast_id), 1, ex=self._active_ttl()
-            )
-            report = await self._send_chunk(blast_id, claimed)
+            budget = max(1.0, JOB_BUDGET_S - (time.monotonic() - started))
+            try:
+                await asyncio.wait_for(self._sending.acquire(), budget)
+            except TimeoutError:
+                continue  # the budget check above hands the range on
+            try:
+                # Checked again under the lock: a pause may have landed while we waited.
+                status = await self._blast_status(blast_id)
+                if status != BlastStatus.sending:
+                    return f"blast {status}"
+                claimed = await self._claim(blast_id, first_id, last_id, self._chunk_size())
+                if not claimed:
+                    break
+                await self.runtime.redis.set(
+                    self.runtime.keys.blast_active(blast_id), 1, ex=self._active_ttl()
+                )
+                report = await self._send_chunk(blast_id, claimed)
+            finally:
+                self._sending.release()
             totals.sent += report.sent
             totals.failed += report.failed
             totals.skipped += report.skipped
@@ -252,20 +267,21 @@ class Sender:
         limited = self.settings.rate_per_second > 0 or bool(self.settings.domain_rates)
         group = 1 if limited else 16
         stop: list[str] = []
+        attempted: list[int] = []
 
         async def lane() -> None:
             while not work.empty() and not stop:
                 items = [work.get_nowait() for _ in range(min(group, work.qsize()))]
                 if limited:
                     domain = addresses[items[0].subscriber_id].rpartition("@")[2]
-                    limited_domain = domain if domain in self.settings.domain_rates else None
-                    await self.throttle.acquire(len(items), limited_domain)
+                    await self.throttle.acquire(len(items), domain)
                 alive = await self._still_subscribed([c.subscriber_id for c in items])
                 for item in items:
                     email = alive.get(item.subscriber_id)
                     if email is None:
                         await recorder.add(Outcome(item.delivery_id, item.subscriber_id, "skipped"))
                         continue
+                    attempted.append(1)
                     outcome = await self._send_one(compiled, blast_id, item, email)
                     if outcome is None:  # the relay itself is unusable: stop this batch
                         stop.append("smtp configuration error")
@@ -275,6 +291,9 @@ class Sender:
 
         await asyncio.gather(*(lane() for _ in range(self.smtp.size)))
         await recorder.flush()
+        if self.settings.daily_quota and granted > len(attempted):
+            # Quota is for mail that went out, not for people who left or a stopped batch.
+            await self.throttle.release_daily(granted - len(attempted))
         report = recorder.report
         if stop:
             report.stopped = stop[0]

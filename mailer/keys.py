@@ -50,7 +50,7 @@ class Keys:
         return f"{self.queue}:workers"
 
     def blast_active(self, blast_id: int) -> str:
-        """Set (with a TTL) by every batch that makes progress; the reconciler leaves busy blasts be."""
+        """Set (with a TTL) by every batch making progress; the reconciler leaves those be."""
         return f"{self.queue}:blast:{blast_id}:active"
 
     # arq's own job keys (arq:job:<id>) are not scoped by queue, so our job ids are.

@@ -159,7 +159,7 @@ def worker_settings(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "on_shutdown": shutdown,
         "health_check_interval": 30,
         "health_check_key": None,
-        "max_jobs": 20,
+        "max_jobs": 10,
         "poll_delay": 0.05,
         "keep_result": 60,
         "handle_signals": True,

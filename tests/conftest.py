@@ -115,7 +115,12 @@ async def settings(
         dev_inbox_dir=tmp_path / "inbox",
         subscribe_limit_per_minute=1000,
         delivery_lease_s=5,
-    ).model_copy(update=settings_overrides)
+    ).model_copy(
+        update={
+            k: v.format(port=web_port) if isinstance(v, str) else v
+            for k, v in settings_overrides.items()
+        }
+    )
     engine = make_engine(db_url)
     await upgrade(engine)
     await engine.dispose()
@@ -130,11 +135,31 @@ async def clean_redis(redis: aioredis.Redis, queue: str) -> None:
             await redis.delete(*keys)
 
 
+@pytest.fixture(scope="session")
+def tls_ca() -> Any:
+    import trustme
+
+    return trustme.CA()
+
+
 @pytest.fixture
-async def live(settings: Settings, web_port: int) -> AsyncIterator[httpx.AsyncClient]:
-    """The app served by uvicorn on a real socket, and a client pointed at it."""
+async def live(
+    settings: Settings, web_port: int, tls_ca: Any, tmp_path: Path
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app served by uvicorn on a real socket (TLS when BASE_URL is https), and a client."""
+    tls: dict[str, Any] = {}
+    verify: Any = True
+    if settings.base_url.startswith("https://"):
+        cert = tls_ca.issue_cert("127.0.0.1", "localhost")
+        cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+        cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+        tls = {"ssl_keyfile": str(tmp_path / "key.pem"), "ssl_certfile": str(tmp_path / "cert.pem")}
+        tls_ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+        verify = __import__("ssl").create_default_context(cafile=str(tmp_path / "ca.pem"))
     server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=web_port, log_config=None)
+        uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=web_port, log_config=None, **tls
+        )
     )
     task = asyncio.create_task(server.serve())
     for _ in range(200):
@@ -142,7 +167,7 @@ async def live(settings: Settings, web_port: int) -> AsyncIterator[httpx.AsyncCl
             break
         await asyncio.sleep(0.02)
     assert server.started, "uvicorn did not start"
-    async with httpx.AsyncClient(base_url=settings.base_url, timeout=10) as client:
+    async with httpx.AsyncClient(base_url=settings.base_url, timeout=10, verify=verify) as client:
         yield client
     server.should_exit = True
     await task
@@ -183,7 +208,9 @@ async def start_worker(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
             pass
 
 
-async def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, step: float = 0.05) -> Any:
+async def wait_until(
+    predicate: Callable[[], Any], timeout: float = 20.0, step: float = 0.05
+) -> Any:
     """Poll an (async) predicate until it returns something truthy."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:

@@ -73,3 +73,60 @@ def text_body(msg: Any) -> str:
     part = msg.get_body(preferencelist=("plain",))
     assert part is not None, "no text/plain part"
     return str(part.get_content())
+
+
+async def seed_subscribers(
+    settings: Settings,
+    *,
+    confirmed: int = 0,
+    pending: int = 0,
+    unsubscribed: int = 0,
+    domain: str = "example.com",
+    prefix: str = "",
+) -> dict[str, list[str]]:
+    """Insert subscribers directly (bulk), returning their addresses by status."""
+    from mailer.db import utcnow
+
+    out: dict[str, list[str]] = {"confirmed": [], "pending": [], "unsubscribed": []}
+    rows = []
+    now = utcnow()
+    for status, n in (
+        ("confirmed", confirmed),
+        ("pending", pending),
+        ("unsubscribed", unsubscribed),
+    ):
+        for i in range(n):
+            email = f"{prefix}{status[:4]}{i:06d}@{domain}"
+            out[status].append(email)
+            rows.append({"email": email, "status": status, "created_at": now, "updated_at": now})
+    engine = make_engine(settings.database_url)
+    try:
+        async with engine.begin() as conn:
+            for start in range(0, len(rows), 5000):
+                await conn.execute(Subscriber.__table__.insert(), rows[start : start + 5000])
+    finally:
+        await engine.dispose()
+    return out
+
+
+async def editor_token(settings: Settings, name: str = "editor") -> str:
+    from mailer.editors import add_editor
+
+    engine = make_engine(settings.database_url)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            return await add_editor(session, name)
+    finally:
+        await engine.dispose()
+
+
+async def subscriber_ids(settings: Settings, emails: list[str]) -> dict[str, int]:
+    engine = make_engine(settings.database_url)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            rows = await session.execute(
+                select(Subscriber.email, Subscriber.id).where(Subscriber.email.in_(emails))
+            )
+            return {e: i for e, i in rows}
+    finally:
+        await engine.dispose()

@@ -1,4 +1,4 @@
-"""The subscriber lifecycle end to end: real uvicorn, real SMTP, real Redis, SQLite and PostgreSQL."""
+"""The subscriber lifecycle end to end: uvicorn, SMTP, Redis, SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -236,10 +236,10 @@ async def test_invalid_addresses_get_422_and_write_nothing(
 ) -> None:
     before = await table_counts(settings)
     for i, (address, fragment) in enumerate(INVALID):
-        await redis.delete(*[k async for k in redis.scan_iter(f"{settings.queue_name}:ratelimit*")] or ["-"])
-        r = await app_client.post(
-            "/subscribe", json={"email": address}, headers={"x-case": str(i)}
+        await redis.delete(
+            *[k async for k in redis.scan_iter(f"{settings.queue_name}:ratelimit*")] or ["-"]
         )
+        r = await app_client.post("/subscribe", json={"email": address}, headers={"x-case": str(i)})
         if address == "user@example.com\n":
             # surrounding whitespace is trimmed: this one is valid
             assert r.status_code == 202
@@ -291,7 +291,9 @@ async def test_confirmation_550_bounces_and_worker_keeps_running(
         "550 5.1.1 no such user" if rcpt.startswith("nobody") else None
     )
     await start_worker()
-    assert (await app_client.post("/subscribe", json={"email": "nobody@example.com"})).status_code == 202
+    assert (
+        await app_client.post("/subscribe", json={"email": "nobody@example.com"})
+    ).status_code == 202
 
     async def bounced() -> bool:
         sub = await subscriber(settings, "nobody@example.com")
@@ -301,7 +303,11 @@ async def test_confirmation_550_bounces_and_worker_keeps_running(
     assert smtp.recorder.to("nobody@example.com") == []
     sub = await subscriber(settings, "nobody@example.com")
     assert sub is not None
-    assert any(e.kind == "bounced" and "5.1.1" in (e.detail or "") for e in await events(settings, sub.id))
+    assert any(
+        e.kind == "bounced" and "5.1.1" in (e.detail or "") for e in await events(settings, sub.id)
+    )
     # the same worker still serves the next job
-    assert (await app_client.post("/subscribe", json={"email": "next@example.com"})).status_code == 202
+    assert (
+        await app_client.post("/subscribe", json={"email": "next@example.com"})
+    ).status_code == 202
     await wait_until(lambda: smtp.recorder.to("next@example.com"))
