@@ -143,7 +143,7 @@ async def snapshot(session: AsyncSession, blast_id: int) -> int:
     stmt = insert(Delivery).from_select(
         ["blast_id", "subscriber_id", "status", "attempts"], audience
     )
-    if session.bind.dialect.name == "postgresql":
+    if session.get_bind().dialect.name == "postgresql":
         await session.execute(text("SET LOCAL synchronous_commit = off"))
     await session.execute(stmt)
     count = await session.scalar(select(func.count()).where(Delivery.blast_id == blast_id))
@@ -180,15 +180,19 @@ async def batch_ranges(
     return list(zip(starts, ends, strict=True))
 
 
-async def fan_out(runtime: Runtime, queue: Queue, blast_id: int) -> int:
-    """Enqueue one job per range of due rows. Duplicate jobs are harmless: rows are claimed."""
+async def fan_out(runtime: Runtime, queue: Queue, blast_id: int, generation: str = "") -> int:
+    """Enqueue one job per range of due rows. Duplicate jobs are harmless: rows are claimed.
+
+    Job ids are derived from the range, so fanning out twice while jobs wait in the queue
+    adds nothing; a new ``generation`` gets past jobs that are stuck (see ``reconcile``).
+    """
     async with runtime.sessions() as session:
         ranges = await batch_ranges(session, blast_id, runtime.settings.batch_size)
     gate = asyncio.Semaphore(ENQUEUE_CONCURRENCY)
 
     async def _one(first: int, last: int) -> bool:
         async with gate:
-            job_id = runtime.keys.batch_job_id(blast_id, first)
+            job_id = runtime.keys.batch_job_id(blast_id, first, generation)
             return await queue.batch(job_id, blast_id, first, last)
 
     results = await asyncio.gather(*(_one(a, b) for a, b in ranges))
@@ -336,5 +340,29 @@ async def reconcile(runtime: Runtime, queue: Queue) -> None:
         if await runtime.redis.exists(runtime.keys.blast_active(blast_id)):
             continue
         enqueued = await fan_out(runtime, queue, blast_id)
+        if not enqueued:
+            enqueued = await _unstick(runtime, queue, blast_id)
         if enqueued:
             log.info("reconciler: blast %s had idle work, enqueued %s batches", blast_id, enqueued)
+
+
+async def _unstick(runtime: Runtime, queue: Queue, blast_id: int) -> int:
+    """Work is left but every range already has a job id taken, and nothing moves.
+
+    That happens when a worker died holding jobs: arq keeps their in-progress keys until
+    the job timeout + 10 s runs out. Once the blast has been idle longer than a lease,
+    fan out again under a new generation of job ids instead of waiting.
+    """
+    keys = runtime.keys
+    now = utcnow().timestamp()
+    since = await runtime.redis.get(keys.blast_idle(blast_id))
+    if since is None:
+        await runtime.redis.set(keys.blast_idle(blast_id), now, ex=86400)
+        return 0
+    stale_after = max(
+        2 * runtime.settings.delivery_lease_s, 3 * runtime.settings.reconcile_interval_s
+    )
+    if now - float(since) < stale_after:
+        return 0
+    await runtime.redis.set(keys.blast_idle(blast_id), now, ex=86400)
+    return await fan_out(runtime, queue, blast_id, generation=f"g{int(now)}")

@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import typer
 
@@ -32,7 +32,7 @@ app.add_typer(subscribers_app, name="subscribers")
 T = TypeVar("T")
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)
 
@@ -185,7 +185,6 @@ def _start_private_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
             time.sleep(0.05)
     proc.kill()
     fail("the private redis-server did not start")
-    raise AssertionError  # unreachable
 
 
 @app.command()

@@ -131,9 +131,11 @@ class Sender:
                 claimed = await self._claim(blast_id, first_id, last_id, self._chunk_size())
                 if not claimed:
                     break
-                await self.runtime.redis.set(
-                    self.runtime.keys.blast_active(blast_id), 1, ex=self._active_ttl()
-                )
+                keys = self.runtime.keys
+                async with self.runtime.redis.pipeline(transaction=False) as pipe:
+                    pipe.set(keys.blast_active(blast_id), 1, ex=self._active_ttl())
+                    pipe.delete(keys.blast_idle(blast_id))
+                    await pipe.execute()
                 report = await self._send_chunk(blast_id, claimed)
             finally:
                 self._sending.release()
@@ -190,7 +192,7 @@ class Sender:
                 .order_by(Delivery.id)
                 .limit(limit)
             )
-            if session.bind.dialect.name == "postgresql":
+            if self.runtime.engine.dialect.name == "postgresql":
                 ids = ids.with_for_update(skip_locked=True)
             rows = await session.execute(
                 update(Delivery)
@@ -314,11 +316,14 @@ class Sender:
     async def _send_one(
         self, compiled: CompiledMessage, blast_id: int, item: Claimed, email: str
     ) -> Outcome | None:
-        data = compiled.build(
-            to=email,
-            unsubscribe_url=self.runtime.unsubscribe_url(item.subscriber_id),
-            message_id=make_message_id(self.settings, blast_id, item.subscriber_id),
-        )
+        try:
+            data = compiled.build(
+                to=email,
+                unsubscribe_url=self.runtime.unsubscribe_url(item.subscriber_id),
+                message_id=make_message_id(self.settings, blast_id, item.subscriber_id),
+            )
+        except ValueError as exc:  # an address or URL that cannot be put on the wire
+            return Outcome(item.delivery_id, item.subscriber_id, "failed", None, str(exc)[:200])
         try:
             await self.smtp.send(self.envelope_sender(item.subscriber_id), email, data)
         except SmtpConfigError as exc:

@@ -53,10 +53,15 @@ class Keys:
         """Set (with a TTL) by every batch making progress; the reconciler leaves those be."""
         return f"{self.queue}:blast:{blast_id}:active"
 
+    def blast_idle(self, blast_id: int) -> str:
+        """When the reconciler first found this blast idle with work left (epoch seconds)."""
+        return f"{self.queue}:blast:{blast_id}:idle-since"
+
     # arq's own job keys (arq:job:<id>) are not scoped by queue, so our job ids are.
 
-    def batch_job_id(self, blast_id: int, first_id: int) -> str:
-        return f"{self.queue}:blast:{blast_id}:batch:{first_id}"
+    def batch_job_id(self, blast_id: int, first_id: int, generation: str = "") -> str:
+        suffix = f":{generation}" if generation else ""
+        return f"{self.queue}:blast:{blast_id}:batch:{first_id}{suffix}"
 
     def start_job_id(self, blast_id: int) -> str:
         return f"{self.queue}:blast:{blast_id}:start"

@@ -38,8 +38,8 @@ class ConfirmClaim:
 class _ClockedSerializer(URLSafeTimedSerializer):
     """A timed serializer whose clock can be set, so tests can time-travel."""
 
-    def __init__(self, *args: object, now: float | None = None, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, keys: list[str], salt: str, now: float | None = None) -> None:
+        super().__init__(keys, salt=salt)
         self._now = now
 
     def make_signer(self, salt: str | bytes | None = None):  # type: ignore[no-untyped-def]

@@ -130,3 +130,25 @@ async def subscriber_ids(settings: Settings, emails: list[str]) -> dict[str, int
             return {e: i for e, i in rows}
     finally:
         await engine.dispose()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The MAILER_* environment that reproduces ``settings`` in a subprocess."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        if isinstance(value, dict):
+            value = ",".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = ",".join(
+                str(v.get_secret_value() if hasattr(v, "get_secret_value") else v) for v in value
+            )
+        elif hasattr(value, "value"):
+            value = value.value
+        env[f"MAILER_{name.upper()}"] = str(value)
+    return env

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from mailer import blasts, statements
 from mailer.editors import authenticate
 from mailer.models import Editor, Subscriber, SubscriberEvent, SubscriberStatus
-from mailer.render import Renderer, StatementContent, make_message_id
+from mailer.render import StatementContent, make_message_id
 from mailer.smtp import SendError, SmtpConfigError, SmtpPool
 from mailer.subscriptions import InvalidInput, normalize_email
 from mailer.web.context import AppContext, get_ctx
@@ -86,7 +86,7 @@ async def get_statement(request: Request, statement_id: int, _: EditorDep) -> di
 async def preview(request: Request, statement_id: int, _: EditorDep) -> HTMLResponse:
     ctx = get_ctx(request)
     statement = await _statement_or_404(ctx, statement_id)
-    html = Renderer(ctx.runtime.settings).preview_html(StatementContent.from_model(statement))
+    html = ctx.renderer.preview_html(StatementContent.from_model(statement))
     return HTMLResponse(html)
 
 
@@ -105,7 +105,7 @@ async def send_test(
     except InvalidInput as exc:
         raise ApiError(422, f"to: {exc.message}") from None
     statement = await _statement_or_404(ctx, statement_id)
-    compiled = Renderer(settings).compile_statement(
+    compiled = ctx.renderer.compile_statement(
         StatementContent.from_model(statement), blast_id=None, test=True
     )
     pool = SmtpPool(settings, size=1)

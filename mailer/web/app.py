@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from mailer.config import Env, Settings
+from mailer.render import Renderer
 from mailer.runtime import Runtime
 from mailer.web import api, ops, public
 from mailer.web.context import AppContext
@@ -42,7 +43,9 @@ def create_app(settings: Settings) -> FastAPI:
         queue = await Queue.connect(settings)
         templates = Jinja2Templates(directory=str(settings.templates_dir / "web"))
         templates.env.globals["base_url"] = settings.base_url
-        app.state.ctx = AppContext(runtime=runtime, queue=queue, templates=templates)
+        app.state.ctx = AppContext(
+            runtime=runtime, queue=queue, templates=templates, renderer=Renderer(settings)
+        )
         try:
             yield
         finally:

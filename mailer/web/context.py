@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.templating import Jinja2Templates
 
+from mailer.render import Renderer
 from mailer.runtime import Runtime
 from mailer.worker import Queue
 
@@ -16,6 +17,7 @@ class AppContext:
     runtime: Runtime
     queue: Queue
     templates: Jinja2Templates
+    renderer: Renderer
 
 
 def get_ctx(request: Request) -> AppContext:
