@@ -19,7 +19,6 @@ from sqlalchemy import func, insert, literal, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mailer.db import utcnow
-from mailer.delivery import finish_if_complete
 from mailer.models import (
     Blast,
     BlastStatus,
@@ -29,6 +28,7 @@ from mailer.models import (
     Subscriber,
     SubscriberStatus,
 )
+from mailer.record import finish_if_complete
 from mailer.runtime import Runtime
 from mailer.worker import Queue
 
@@ -104,7 +104,12 @@ async def create(
         )
         session.add(blast)
         await session.commit()
-    log.info("blast %s created (%s)", blast.id, blast.status)
+    log.info(
+        "blast %s created (%s)",
+        blast.id,
+        blast.status,
+        extra={"blast_id": blast.id, "status": str(blast.status)},
+    )
     await queue.start_blast(runtime.keys.start_job_id(blast.id), blast.id, send_at)
     return blast
 
@@ -130,7 +135,12 @@ async def start_due(runtime: Runtime, queue: Queue, blast_id: int) -> None:
         blast.total = total
         blast.started_at = utcnow()
         await session.commit()
-    log.info("blast %s sending to %s subscribers", blast_id, total)
+    log.info(
+        "blast %s sending to %s subscribers",
+        blast_id,
+        total,
+        extra={"blast_id": blast_id, "status": BlastStatus.sending.value, "total": total},
+    )
     await fan_out(runtime, queue, blast_id)
     await finish_if_complete(runtime, blast_id)
 
@@ -221,7 +231,7 @@ async def _transition(
                 .values(status=DeliveryStatus.cancelled)
             )
         await session.commit()
-    log.info("blast %s is now %s", blast_id, to)
+    log.info("blast %s is now %s", blast_id, to, extra={"blast_id": blast_id, "status": str(to)})
     return blast
 
 
@@ -321,6 +331,21 @@ async def reconcile(runtime: Runtime, queue: Queue) -> None:
         sending = list(
             await session.scalars(select(Blast.id).where(Blast.status == BlastStatus.sending))
         )
+        # Rows a dead worker held when its blast was cancelled: cancelled too, once free.
+        await session.execute(
+            update(Delivery)
+            .where(
+                Delivery.blast_id.in_(
+                    select(Blast.id).where(Blast.status == BlastStatus.cancelled).scalar_subquery()
+                ),
+                or_(
+                    Delivery.status == DeliveryStatus.pending,
+                    (Delivery.status == DeliveryStatus.sending) & (Delivery.lease_until < now),
+                ),
+            )
+            .values(status=DeliveryStatus.cancelled, lease_until=None)
+        )
+        await session.commit()
         if sending:
             await session.execute(
                 update(Delivery)

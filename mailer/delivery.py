@@ -13,11 +13,10 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import func, or_, select, update
 
 from mailer.db import utcnow
 from mailer.models import (
@@ -29,6 +28,7 @@ from mailer.models import (
     Subscriber,
     SubscriberStatus,
 )
+from mailer.record import Outcome, Recorder, finish_if_complete, pause_blast
 from mailer.render import CompiledMessage, Renderer, StatementContent, make_message_id
 from mailer.runtime import Runtime
 from mailer.smtp import (
@@ -39,28 +39,15 @@ from mailer.smtp import (
     SmtpPool,
     TransientSendError,
 )
-from mailer.subscriptions import mark_bounced
 from mailer.throttle import Throttle
 from mailer.worker import Queue, retry_delay
 
 log = logging.getLogger("mailer.delivery")
 
-FLUSH_EVERY = 20  # outcomes buffered before a write: also the bound on repeats after a crash
-FLUSH_SECONDS = 0.2
 CHUNK_UNLIMITED = 200  # rows claimed at once when nothing limits the rate
 JOB_BUDGET_S = 60.0  # a job longer than this hands the rest of its range to a new job
-
-
-@dataclass
-class Outcome:
-    delivery_id: int
-    subscriber_id: int
-    status: str
-    code: int | None = None
-    error: str | None = None
-    next_attempt_at: datetime | None = None
-    suppress: bool = False
-    policy: bool = False
+STATUS_TTL_S = 0.25  # how stale a batch's view of pause/cancel may be
+DOMAIN_CHUNK_S = 10.0  # at most this many seconds of a rate-limited domain per chunk
 
 
 @dataclass
@@ -78,7 +65,6 @@ class BatchReport:
     skipped: int = 0
     retried: int = 0
     stopped: str | None = None
-    outcomes: list[Outcome] = field(default_factory=list)
 
 
 class Sender:
@@ -99,9 +85,10 @@ class Sender:
         self.renderer = renderer
         self.throttle = throttle or Throttle.from_settings(runtime.redis, runtime.settings)
         self._compiled: OrderedDict[int, CompiledMessage] = OrderedDict()
-        # One chunk at a time per process: the SMTP pool already bounds parallel sends, and a
-        # single unflushed buffer per process is what bounds repeats after a crash.
-        self._sending = asyncio.Lock()
+        # One recorder per process: its single unflushed buffer is what bounds the repeats
+        # after a crash, however many batch jobs run here at once.
+        self.recorder = Recorder(runtime)
+        self._status: dict[int, tuple[float, str | None]] = {}
 
     # Public entry point ------------------------------------------------------------
 
@@ -118,27 +105,15 @@ class Sender:
                     job_id = self.runtime.keys.batch_job_id(blast_id, remaining)
                     await self.queue.batch(job_id, blast_id, remaining, last_id)
                 return "continued"
-            budget = max(1.0, JOB_BUDGET_S - (time.monotonic() - started))
-            try:
-                await asyncio.wait_for(self._sending.acquire(), budget)
-            except TimeoutError:
-                continue  # the budget check above hands the range on
-            try:
-                # Checked again under the lock: a pause may have landed while we waited.
-                status = await self._blast_status(blast_id)
-                if status != BlastStatus.sending:
-                    return f"blast {status}"
-                claimed = await self._claim(blast_id, first_id, last_id, self._chunk_size())
-                if not claimed:
-                    break
-                keys = self.runtime.keys
-                async with self.runtime.redis.pipeline(transaction=False) as pipe:
-                    pipe.set(keys.blast_active(blast_id), 1, ex=self._active_ttl())
-                    pipe.delete(keys.blast_idle(blast_id))
-                    await pipe.execute()
-                report = await self._send_chunk(blast_id, claimed)
-            finally:
-                self._sending.release()
+            claimed = await self._claim(blast_id, first_id, last_id, self._chunk_size())
+            if not claimed:
+                break
+            keys = self.runtime.keys
+            async with self.runtime.redis.pipeline(transaction=False) as pipe:
+                pipe.set(keys.blast_active(blast_id), 1, ex=self._active_ttl())
+                pipe.delete(keys.blast_idle(blast_id))
+                await pipe.execute()
+            report = await self._send_chunk(blast_id, claimed)
             totals.sent += report.sent
             totals.failed += report.failed
             totals.skipped += report.skipped
@@ -162,6 +137,16 @@ class Sender:
 
     def _active_ttl(self) -> int:
         return max(3, 3 * self.settings.reconcile_interval_s)
+
+    async def _current_status(self, blast_id: int) -> str | None:
+        """The blast's status, read at most every STATUS_TTL_S per process (pause is fast)."""
+        now = time.monotonic()
+        cached = self._status.get(blast_id)
+        if cached is not None and now - cached[0] < STATUS_TTL_S:
+            return cached[1]
+        status = await self._blast_status(blast_id)
+        self._status[blast_id] = (now, status)
+        return status
 
     async def _blast_status(self, blast_id: int) -> str | None:
         async with self.runtime.sessions() as session:
@@ -210,7 +195,19 @@ class Sender:
                     Delivery.first_attempt_at,
                 )
             )
-            claimed = [Claimed(r[0], r[1], r[2], r[3]) for r in rows if r[1] is not None]
+            claimed = []
+            erased = []
+            for r in rows:
+                if r[1] is None:  # the subscriber was erased after the snapshot
+                    erased.append(r[0])
+                else:
+                    claimed.append(Claimed(r[0], r[1], r[2], r[3]))
+            if erased:
+                await session.execute(
+                    update(Delivery)
+                    .where(Delivery.id.in_(erased))
+                    .values(status=DeliveryStatus.skipped, lease_until=None)
+                )
             await session.commit()
         claimed.sort(key=lambda c: c.delivery_id)
         return claimed
@@ -250,68 +247,164 @@ class Sender:
 
     async def _send_chunk(self, blast_id: int, claimed: list[Claimed]) -> BatchReport:
         compiled = await self._compiled_for(blast_id)
-        recorder = Recorder(self, blast_id)
+        report = BatchReport()
+        recorder = self.recorder
+
+        unsent = {c.delivery_id for c in claimed}
+
+        async def record(outcome: Outcome) -> None:
+            counted = {"sent": "sent", "failed": "failed", "skipped": "skipped", "retry": "retried"}
+            field = counted[outcome.status]
+            setattr(report, field, getattr(report, field) + 1)
+            unsent.discard(outcome.delivery_id)
+            await recorder.add(outcome)
+
         # A first bulk read drops those who left since the snapshot and tells each domain;
-        # every group is read again right before it is sent (unsubscribe wins).
+        # every message is checked again right before it is sent (unsubscribe wins).
         addresses = await self._still_subscribed([c.subscriber_id for c in claimed])
         for item in claimed:
             if item.subscriber_id not in addresses:
-                await recorder.add(Outcome(item.delivery_id, item.subscriber_id, "skipped"))
-        claimed = [c for c in claimed if c.subscriber_id in addresses]
-        granted = await self.throttle.take_daily(len(claimed))
-        if granted < len(claimed):
-            await self._defer_for_quota(blast_id, claimed[granted:])
-            claimed = claimed[:granted]
+                await record(Outcome(blast_id, item.delivery_id, item.subscriber_id, "skipped"))
+        general, by_domain = self._split_by_domain(
+            [c for c in claimed if c.subscriber_id in addresses], addresses
+        )
+        await self._defer_domain_excess(by_domain)
+        ready = general + [c for items in by_domain.values() for c in items]
+        granted = await self.throttle.take_daily(len(ready))
+        if granted < len(ready):
+            late = set(id(c) for c in ready[granted:])
+            await self._defer_for_quota(blast_id, ready[granted:])
+            general = [c for c in general if id(c) not in late]
+            by_domain = {d: [c for c in v if id(c) not in late] for d, v in by_domain.items()}
 
-        work: asyncio.Queue[Claimed] = asyncio.Queue()
-        for item in claimed:
-            work.put_nowait(item)
-        limited = self.settings.rate_per_second > 0 or bool(self.settings.domain_rates)
-        group = 1 if limited else 16
         stop: list[str] = []
         attempted: list[int] = []
 
-        async def lane() -> None:
-            while not work.empty() and not stop:
-                items = [work.get_nowait() for _ in range(min(group, work.qsize()))]
-                if limited:
-                    domain = addresses[items[0].subscriber_id].rpartition("@")[2]
-                    await self.throttle.acquire(len(items), domain)
-                alive = await self._still_subscribed([c.subscriber_id for c in items])
-                for item in items:
-                    email = alive.get(item.subscriber_id)
-                    if email is None:
-                        await recorder.add(Outcome(item.delivery_id, item.subscriber_id, "skipped"))
-                        continue
-                    attempted.append(1)
-                    outcome = await self._send_one(compiled, blast_id, item, email)
-                    if outcome is None:  # the relay itself is unusable: stop this batch
-                        stop.append("smtp configuration error")
-                        await recorder.release([item, *self._drain(work)])
-                        return
-                    await recorder.add(outcome)
+        async def send(items: list[Claimed], domain: str | None, rest: list[Claimed]) -> bool:
+            """Throttle, re-check, send, record; False once the batch must stop."""
+            if self.settings.rate_per_second > 0 or domain is not None:
+                waited = await self.throttle.acquire(len(items), domain)
+                recorder.stats.throttle_wait_s += waited
+            status = await self._current_status(blast_id)
+            if status != BlastStatus.sending:  # paused or cancelled: hand the rest back
+                stop.append(f"blast {status}")
+                back = DeliveryStatus.pending
+                if status == BlastStatus.cancelled:
+                    back = DeliveryStatus.cancelled
+                await recorder.release([c.delivery_id for c in (*items, *rest)], back)
+                rest.clear()
+                return False
+            alive = await self._still_subscribed([c.subscriber_id for c in items])
+            for item in items:
+                email = alive.get(item.subscriber_id)
+                if email is None:
+                    await record(Outcome(blast_id, item.delivery_id, item.subscriber_id, "skipped"))
+                    continue
+                attempted.append(1)
+                outcome = await self._send_one(compiled, blast_id, item, email)
+                if outcome is None:
+                    stop.append("smtp configuration error")
+                    await recorder.release([c.delivery_id for c in (item, *rest)])
+                    rest.clear()
+                    return False
+                await record(outcome)
+            return True
 
-        await asyncio.gather(*(lane() for _ in range(self.smtp.size)))
+        # Unlimited domains share the SMTP lanes; a group is re-checked in one query.
+        group = 1 if self.settings.rate_per_second > 0 else 16
+        shared = list(general)
+
+        async def lane() -> None:
+            while shared and not stop:
+                items, shared[:] = shared[:group], shared[group:]
+                if not await send(items, None, shared):
+                    return
+
+        # Each rate-limited domain gets one sequential task, so waiting for its slots never
+        # holds up the lanes of other domains.
+        async def domain_task(domain: str, items: list[Claimed]) -> None:
+            while items and not stop:
+                if not await send([items.pop(0)], domain, items):
+                    return
+
+        renewal = asyncio.create_task(self._renew_leases(unsent))
+        try:
+            await asyncio.gather(
+                *(lane() for _ in range(self.smtp.size)),
+                *(domain_task(d, list(v)) for d, v in by_domain.items()),
+            )
+        finally:
+            renewal.cancel()
         await recorder.flush()
         if self.settings.daily_quota and granted > len(attempted):
             # Quota is for mail that went out, not for people who left or a stopped batch.
             await self.throttle.release_daily(granted - len(attempted))
-        report = recorder.report
         if stop:
             report.stopped = stop[0]
-        if recorder.paused_reason:
-            report.stopped = "paused: " + recorder.paused_reason
+        if blast_id in recorder.paused:
+            report.stopped = "paused: " + recorder.paused.pop(blast_id)
         return report
 
-    @staticmethod
-    def _drain(work: asyncio.Queue[Claimed]) -> list[Claimed]:
-        items = []
-        while not work.empty():
-            items.append(work.get_nowait())
-        return items
+    async def _renew_leases(self, unsent: set[int]) -> None:
+        """Keep our claim while we wait for the throttle, so nobody takes these rows over."""
+        every = max(0.5, self.settings.delivery_lease_s / 3)
+        while True:
+            await asyncio.sleep(every)
+            if not unsent:
+                continue
+            lease = utcnow() + timedelta(seconds=self.settings.delivery_lease_s)
+            async with self.runtime.sessions() as session:
+                await session.execute(
+                    update(Delivery)
+                    .where(Delivery.id.in_(list(unsent)), Delivery.status == DeliveryStatus.sending)
+                    .values(lease_until=lease)
+                )
+                await session.commit()
+
+    def _split_by_domain(
+        self, items: list[Claimed], addresses: dict[int, str]
+    ) -> tuple[list[Claimed], dict[str, list[Claimed]]]:
+        rates = self.settings.domain_rates
+        general: list[Claimed] = []
+        by_domain: dict[str, list[Claimed]] = {}
+        for item in items:
+            domain = addresses[item.subscriber_id].rpartition("@")[2].lower()
+            if rates.get(domain, 0) > 0:
+                by_domain.setdefault(domain, []).append(item)
+            else:
+                general.append(item)
+        return general, by_domain
+
+    async def _defer_domain_excess(self, by_domain: dict[str, list[Claimed]]) -> None:
+        """Keep a chunk to about DOMAIN_CHUNK_S of each slow domain; the rest waits in SQL.
+
+        Nothing is booked in the throttle for deferred rows, so no slot is wasted, and the
+        chunk stays short enough for its lease.
+        """
+        now = utcnow()
+        for domain, items in by_domain.items():
+            rate = self.settings.domain_rates[domain]
+            allowed = max(1, int(rate * DOMAIN_CHUNK_S))
+            excess = items[allowed:]
+            if not excess:
+                continue
+            del items[allowed:]
+            until = now + timedelta(seconds=allowed / rate)
+            async with self.runtime.sessions() as session:
+                await session.execute(
+                    update(Delivery)
+                    .where(Delivery.id.in_([c.delivery_id for c in excess]))
+                    .values(status=DeliveryStatus.pending, lease_until=None, next_attempt_at=until)
+                )
+                await session.commit()
 
     def envelope_sender(self, subscriber_id: int) -> str:
-        return self.settings.from_address
+        """The Return-Path. With VERP each subscriber gets its own, so a bounce names them."""
+        if not self.settings.verp_domain:
+            return self.settings.from_address
+        return (
+            f"bounces+{self.runtime.tokens.bounce_tag(subscriber_id)}@{self.settings.verp_domain}"
+        )
 
     async def _send_one(
         self, compiled: CompiledMessage, blast_id: int, item: Claimed, email: str
@@ -323,20 +416,29 @@ class Sender:
                 message_id=make_message_id(self.settings, blast_id, item.subscriber_id),
             )
         except ValueError as exc:  # an address or URL that cannot be put on the wire
-            return Outcome(item.delivery_id, item.subscriber_id, "failed", None, str(exc)[:200])
+            return Outcome(
+                blast_id, item.delivery_id, item.subscriber_id, "failed", None, str(exc)[:200]
+            )
         try:
-            await self.smtp.send(self.envelope_sender(item.subscriber_id), email, data)
+            await self._timed_send(self.envelope_sender(item.subscriber_id), email, data)
         except SmtpConfigError as exc:
             await pause_blast(self.runtime, blast_id, f"SMTP relay unusable: {exc}")
             return None
         except TransientSendError as exc:
-            return self._transient(item, exc)
+            return self._transient(blast_id, item, exc)
         except PolicyError as exc:
             return Outcome(
-                item.delivery_id, item.subscriber_id, "failed", exc.code, exc.message, policy=True
+                blast_id,
+                item.delivery_id,
+                item.subscriber_id,
+                "failed",
+                exc.code,
+                exc.message,
+                policy=True,
             )
         except PermanentSendError as exc:
             return Outcome(
+                blast_id,
                 item.delivery_id,
                 item.subscriber_id,
                 "failed",
@@ -345,18 +447,32 @@ class Sender:
                 suppress=exc.suppress,
             )
         except SendError as exc:  # pragma: no cover - every SendError is one of the above
-            return self._transient(item, exc)
-        return Outcome(item.delivery_id, item.subscriber_id, "sent")
+            return self._transient(blast_id, item, exc)
+        return Outcome(blast_id, item.delivery_id, item.subscriber_id, "sent")
 
-    def _transient(self, item: Claimed, exc: SendError) -> Outcome:
+    async def _timed_send(self, sender: str, recipient: str, data: bytes) -> None:
+        """Time the SMTP transaction for the latency histogram (written with each flush)."""
+        started = time.perf_counter()
+        try:
+            await self.smtp.send(sender, recipient, data)
+        finally:
+            self.recorder.stats.observe_smtp(time.perf_counter() - started)
+
+    def _transient(self, blast_id: int, item: Claimed, exc: SendError) -> Outcome:
         now = utcnow()
         first = item.first_attempt_at or now
         if (now - first).total_seconds() >= self.settings.retry_max_age_s:
             return Outcome(
-                item.delivery_id, item.subscriber_id, "failed", exc.code, f"gave up: {exc.message}"
+                blast_id,
+                item.delivery_id,
+                item.subscriber_id,
+                "failed",
+                exc.code,
+                f"gave up: {exc.message}",
             )
         delay = retry_delay(item.attempts + 1, self.settings.retry_base_s)
         return Outcome(
+            blast_id,
             item.delivery_id,
             item.subscriber_id,
             "retry",
@@ -383,163 +499,3 @@ class Sender:
                 )
             )
             await session.commit()
-
-
-class Recorder:
-    """Buffers outcomes and writes them in bulk, every FLUSH_EVERY messages or FLUSH_SECONDS."""
-
-    def __init__(self, sender: Sender, blast_id: int) -> None:
-        self.sender = sender
-        self.runtime = sender.runtime
-        self.blast_id = blast_id
-        self.buffer: list[Outcome] = []
-        self.last_flush = time.monotonic()
-        self.report = BatchReport()
-        self.paused_reason: str | None = None
-        self._lock = asyncio.Lock()
-
-    async def add(self, outcome: Outcome) -> None:
-        self.buffer.append(outcome)
-        if len(self.buffer) >= FLUSH_EVERY or time.monotonic() - self.last_flush > FLUSH_SECONDS:
-            await self.flush()
-
-    async def release(self, items: list[Claimed]) -> None:
-        """Give claimed rows back untouched (nothing was sent to them)."""
-        await self.flush()
-        async with self.runtime.sessions() as session:
-            await session.execute(
-                update(Delivery)
-                .where(Delivery.id.in_([c.delivery_id for c in items]))
-                .values(status=DeliveryStatus.pending, lease_until=None)
-            )
-            await session.commit()
-
-    async def flush(self) -> None:
-        async with self._lock:
-            batch, self.buffer = self.buffer, []
-            self.last_flush = time.monotonic()
-            if batch:
-                await self._write(batch)
-
-    async def _write(self, batch: list[Outcome]) -> None:
-        now = utcnow()
-        by_status: dict[str, list[int]] = {}
-        for o in batch:
-            by_status.setdefault(o.status, []).append(o.delivery_id)
-        policy = [o for o in batch if o.policy]
-        bounced = [o for o in batch if o.suppress]
-        async with self.runtime.sessions() as session:
-            if ids := by_status.get("sent"):
-                await session.execute(
-                    update(Delivery)
-                    .where(Delivery.id.in_(ids))
-                    .values(status=DeliveryStatus.sent, sent_at=now, lease_until=None)
-                )
-            if ids := by_status.get("skipped"):
-                await session.execute(
-                    update(Delivery)
-                    .where(Delivery.id.in_(ids))
-                    .values(status=DeliveryStatus.skipped, lease_until=None)
-                )
-            for o in batch:
-                if o.status == "failed":
-                    values: dict[str, Any] = {"status": DeliveryStatus.failed}
-                elif o.status == "retry":
-                    values = {
-                        "status": DeliveryStatus.pending,
-                        "next_attempt_at": o.next_attempt_at,
-                        "attempts": Delivery.attempts + 1,
-                    }
-                else:
-                    continue
-                values.update(lease_until=None, last_code=o.code, last_error=(o.error or "")[:500])
-                await session.execute(
-                    update(Delivery).where(Delivery.id == o.delivery_id).values(**values)
-                )
-            if bounced:
-                await mark_bounced(
-                    session,
-                    [o.subscriber_id for o in bounced],
-                    f"blast {self.blast_id}: {bounced[0].code} {bounced[0].error}",
-                )
-            if policy:
-                await self._count_policy(session, policy)
-            await session.commit()
-        counts = {s: len(ids) for s, ids in by_status.items()}
-        self.report.sent += counts.get("sent", 0)
-        self.report.failed += counts.get("failed", 0)
-        self.report.skipped += counts.get("skipped", 0)
-        self.report.retried += counts.get("retry", 0)
-        await self._count_in_redis(counts)
-
-    async def _count_policy(self, session: Any, policy: list[Outcome]) -> None:
-        limit = self.runtime.settings.policy_failures_pause
-        await session.execute(
-            update(Blast)
-            .where(Blast.id == self.blast_id)
-            .values(policy_failures=Blast.policy_failures + len(policy))
-        )
-        failures = await session.scalar(
-            select(Blast.policy_failures).where(Blast.id == self.blast_id)
-        )
-        if failures is not None and failures >= limit:
-            last = policy[-1]
-            reason = (
-                f"paused after {failures} policy rejections by the receiving servers "
-                f"(last: {last.code} {last.error}); the sender's reputation or "
-                f"authentication needs attention before resuming"
-            )
-            result = await session.execute(
-                update(Blast)
-                .where(and_(Blast.id == self.blast_id, Blast.status == BlastStatus.sending))
-                .values(status=BlastStatus.paused, reason=reason[:500])
-            )
-            if result.rowcount:
-                log.error("blast %s paused: %s", self.blast_id, reason)
-            self.paused_reason = reason
-
-    async def _count_in_redis(self, counts: dict[str, int]) -> None:
-        """Process-independent counters, summed across every worker, for /metrics."""
-        keys = self.runtime.keys
-        second = int(time.time())
-        async with self.runtime.redis.pipeline(transaction=False) as pipe:
-            for status, n in counts.items():
-                pipe.hincrby(keys.counters, f"messages_{status}", n)
-            if counts.get("sent"):
-                pipe.hincrby(keys.sent_log, str(second), counts["sent"])
-            await pipe.execute()
-
-
-async def pause_blast(runtime: Runtime, blast_id: int, reason: str) -> None:
-    async with runtime.sessions() as session:
-        result = await session.execute(
-            update(Blast)
-            .where(Blast.id == blast_id, Blast.status == BlastStatus.sending)
-            .values(status=BlastStatus.paused, reason=reason[:500])
-        )
-        await session.commit()
-    if result.rowcount:  # type: ignore[attr-defined]
-        log.error("blast %s paused: %s", blast_id, reason)
-
-
-async def finish_if_complete(runtime: Runtime, blast_id: int) -> bool:
-    """Mark the blast done once no row is pending or in flight."""
-    async with runtime.sessions() as session:
-        open_rows = (
-            select(Delivery.id)
-            .where(
-                Delivery.blast_id == blast_id,
-                Delivery.status.in_([DeliveryStatus.pending, DeliveryStatus.sending]),
-            )
-            .exists()
-        )
-        result = await session.execute(
-            update(Blast)
-            .where(Blast.id == blast_id, Blast.status == BlastStatus.sending, ~open_rows)
-            .values(status=BlastStatus.done, finished_at=utcnow(), reason=None)
-        )
-        await session.commit()
-    done = bool(result.rowcount)  # type: ignore[attr-defined]
-    if done:
-        log.info("blast %s done", blast_id)
-    return done

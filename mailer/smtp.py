@@ -17,6 +17,7 @@ from enum import StrEnum
 import aiosmtplib
 
 from mailer.config import Settings, SmtpSecurity
+from mailer.dkim import DkimSigner
 
 # Errors ---------------------------------------------------------------------
 
@@ -117,9 +118,12 @@ class PoolStats:
 
 
 class SmtpPool:
+    """Every message leaves through here, so this is also where DKIM signing happens."""
+
     def __init__(self, settings: Settings, size: int | None = None) -> None:
         self._settings = settings
         self.size = size or settings.smtp_connections
+        self._dkim = DkimSigner.from_settings(settings)
         self._idle: asyncio.LifoQueue[aiosmtplib.SMTP] = asyncio.LifoQueue()
         for _ in range(self.size):
             self._idle.put_nowait(self._new_client())
@@ -162,6 +166,8 @@ class SmtpPool:
 
     async def send(self, sender: str, recipient: str, data: bytes) -> None:
         """Send one message to one recipient; raise a typed SendError unless accepted."""
+        if self._dkim is not None:
+            data = self._dkim.sign(data)
         client = await self._idle.get()
         try:
             await self._ensure_connected(client)

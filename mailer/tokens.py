@@ -8,6 +8,7 @@ keys in ``MAILER_OLD_SECRET_KEYS`` still verify, new tokens use the current key.
 
 from __future__ import annotations
 
+import hmac
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -73,6 +74,23 @@ class Tokens:
         if not isinstance(value, int) or isinstance(value, bool):
             raise TokenError("This confirmation link is not valid.")
         return ConfirmClaim(subscriber_id=value, issued_at=issued.timestamp())
+
+    # Bounces ----------------------------------------------------------------
+
+    def bounce_tag(self, subscriber_id: int) -> str:
+        """A short signed tag for VERP addresses (``bounces+TAG@domain``): id and 8 MAC chars."""
+        mac = hmac.new(self._keys[-1].encode(), f"verp:{subscriber_id}".encode(), "sha256")
+        return f"{subscriber_id}-{mac.hexdigest()[:8]}"
+
+    def read_bounce_tag(self, tag: str) -> int:
+        sub, _, mac = tag.partition("-")
+        if not sub.isdigit():
+            raise TokenError("not a bounce tag")
+        for key in self._keys:
+            expected = hmac.new(key.encode(), f"verp:{sub}".encode(), "sha256").hexdigest()[:8]
+            if hmac.compare_digest(expected, mac):
+                return int(sub)
+        raise TokenError("not a bounce tag")
 
     # Unsubscribe ----------------------------------------------------------
 

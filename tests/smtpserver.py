@@ -149,10 +149,8 @@ class SmtpServer:
         if tls_context is not None:
             kwargs["ssl_context"] = tls_context
         if starttls_context is not None:
-            kwargs["server_kwargs"] = {
-                "tls_context": starttls_context,
-                "require_starttls": require_starttls,
-            }
+            kwargs["tls_context"] = starttls_context
+            kwargs["require_starttls"] = require_starttls
         self._controller = _Controller(self.recorder, **kwargs)
         self.port = 0
 

@@ -18,7 +18,7 @@ from smtpserver import SmtpServer, free_port
 from test_blasts import blast, progress, publish, wait_status
 
 from mailer.config import Settings
-from mailer.delivery import FLUSH_EVERY
+from mailer.record import FLUSH_EVERY
 from mailer.web.app import create_app
 
 MAILER = str(Path(sys.executable).parent / "mailer")

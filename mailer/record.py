@@ -1,0 +1,234 @@
+"""Record outcomes: the last stage of a message's path, written in bulk.
+
+Sent, skipped, failed or to-retry, every outcome ends here. Writes are batched
+(one UPDATE per status per flush), because a row per message per statement
+would cap throughput; the price is that a crash can repeat what sat in the
+buffer, which is why the buffer is small and shared per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, select, update
+
+from mailer.db import utcnow
+from mailer.metrics import SendStats
+from mailer.models import Blast, BlastStatus, Delivery, DeliveryStatus
+from mailer.runtime import Runtime
+from mailer.subscriptions import mark_bounced
+
+log = logging.getLogger("mailer.record")
+
+FLUSH_EVERY = 20  # outcomes buffered before a write: also the bound on repeats after a crash
+FLUSH_SECONDS = 0.2
+
+
+@dataclass
+class Outcome:
+    blast_id: int
+    delivery_id: int
+    subscriber_id: int
+    status: str
+    code: int | None = None
+    error: str | None = None
+    next_attempt_at: datetime | None = None
+    suppress: bool = False
+    policy: bool = False
+
+
+class Recorder:
+    """Buffers outcomes and writes them in bulk, every FLUSH_EVERY messages or FLUSH_SECONDS.
+
+    One per worker process, shared by every batch running there: what was sent but is not
+    yet written is at most one buffer, whatever the number of concurrent jobs.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.buffer: list[Outcome] = []
+        self.last_flush = time.monotonic()
+        self.paused: dict[int, str] = {}  # blast id -> reason, for batches to notice
+        self.stats = SendStats()  # SMTP latency and throttle waits, written with each flush
+        self._lock = asyncio.Lock()
+
+    async def add(self, outcome: Outcome) -> None:
+        self.buffer.append(outcome)
+        if len(self.buffer) >= FLUSH_EVERY or time.monotonic() - self.last_flush > FLUSH_SECONDS:
+            await self.flush()
+
+    async def release(
+        self, delivery_ids: list[int], status: DeliveryStatus = DeliveryStatus.pending
+    ) -> None:
+        """Give claimed rows back untouched (nothing was sent to them), or cancel them."""
+        await self.flush()
+        async with self.runtime.sessions() as session:
+            await session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(delivery_ids), Delivery.status == DeliveryStatus.sending)
+                .values(status=status, lease_until=None)
+            )
+            await session.commit()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            batch, self.buffer = self.buffer, []
+            self.last_flush = time.monotonic()
+            if batch:
+                await self._write(batch)
+
+    async def _write(self, batch: list[Outcome]) -> None:
+        now = utcnow()
+        blasts = sorted({o.blast_id for o in batch})
+        by_status: dict[str, list[int]] = {}
+        for o in batch:
+            by_status.setdefault(o.status, []).append(o.delivery_id)
+        policy = [o for o in batch if o.policy]
+        bounced = [o for o in batch if o.suppress]
+        async with self.runtime.sessions() as session:
+            if ids := by_status.get("sent"):
+                await session.execute(
+                    update(Delivery)
+                    .where(Delivery.id.in_(ids))
+                    .values(status=DeliveryStatus.sent, sent_at=now, lease_until=None)
+                )
+            if ids := by_status.get("skipped"):
+                await session.execute(
+                    update(Delivery)
+                    .where(Delivery.id.in_(ids))
+                    .values(status=DeliveryStatus.skipped, lease_until=None)
+                )
+            for o in batch:
+                if o.status == "failed":
+                    values: dict[str, Any] = {"status": DeliveryStatus.failed}
+                elif o.status == "retry":
+                    values = {
+                        "status": DeliveryStatus.pending,
+                        "next_attempt_at": o.next_attempt_at,
+                        "attempts": Delivery.attempts + 1,
+                    }
+                else:
+                    continue
+                values.update(lease_until=None, last_code=o.code, last_error=(o.error or "")[:500])
+                await session.execute(
+                    update(Delivery).where(Delivery.id == o.delivery_id).values(**values)
+                )
+            if bounced:
+                await mark_bounced(
+                    session,
+                    [o.subscriber_id for o in bounced],
+                    f"blast {bounced[0].blast_id}: {bounced[0].code} {bounced[0].error}",
+                )
+            for blast_id in blasts:
+                rejected = [o for o in policy if o.blast_id == blast_id]
+                if rejected:
+                    await self._count_policy(session, blast_id, rejected)
+            await session.commit()
+        counts = {s: len(ids) for s, ids in by_status.items()}
+        await self._count_in_redis(counts, batch)
+        self._warn_failures(batch)
+
+    async def _count_policy(self, session: Any, blast_id: int, policy: list[Outcome]) -> None:
+        limit = self.runtime.settings.policy_failures_pause
+        await session.execute(
+            update(Blast)
+            .where(Blast.id == blast_id)
+            .values(policy_failures=Blast.policy_failures + len(policy))
+        )
+        failures = await session.scalar(select(Blast.policy_failures).where(Blast.id == blast_id))
+        if failures is not None and failures >= limit:
+            last = policy[-1]
+            reason = (
+                f"paused after {failures} policy rejections by the receiving servers "
+                f"(last: {last.code} {last.error}); the sender's reputation or "
+                f"authentication needs attention before resuming"
+            )
+            result = await session.execute(
+                update(Blast)
+                .where(and_(Blast.id == blast_id, Blast.status == BlastStatus.sending))
+                .values(status=BlastStatus.paused, reason=reason[:500])
+            )
+            if result.rowcount:
+                log.error(
+                    "blast %s paused: %s",
+                    blast_id,
+                    reason,
+                    extra={"blast_id": blast_id, "status": BlastStatus.paused.value},
+                )
+            self.paused[blast_id] = reason
+
+    async def _count_in_redis(self, counts: dict[str, int], batch: list[Outcome]) -> None:
+        """Process-independent counters, summed across every worker, for /metrics."""
+        keys = self.runtime.keys
+        second = int(time.time())
+        async with self.runtime.redis.pipeline(transaction=False) as pipe:
+            for status, n in counts.items():
+                pipe.hincrby(keys.counters, f"messages_{status}", n)
+            for (blast_id, status), n in Counter((o.blast_id, o.status) for o in batch).items():
+                pipe.hincrby(keys.blast_counters, f"{blast_id}:{status}", n)
+            if counts.get("sent"):
+                pipe.hincrby(keys.sent_log, str(second), counts["sent"])
+            self.stats.drain_into(pipe, keys)
+            await pipe.execute()
+
+    @staticmethod
+    def _warn_failures(batch: list[Outcome]) -> None:
+        """One line per blast, outcome and SMTP code in this flush, never one per message."""
+        groups = Counter(
+            (o.blast_id, o.status, o.code) for o in batch if o.status in ("failed", "retry")
+        )
+        for (blast_id, status, code), n in groups.items():
+            log.warning(
+                "blast %s: %s deliveries %s (SMTP code %s)",
+                blast_id,
+                n,
+                "failed" if status == "failed" else "deferred for a retry",
+                code if code is not None else "none",
+                extra={"blast_id": blast_id, "outcome": status, "count": n, "code": code},
+            )
+
+
+async def pause_blast(runtime: Runtime, blast_id: int, reason: str) -> None:
+    async with runtime.sessions() as session:
+        result = await session.execute(
+            update(Blast)
+            .where(Blast.id == blast_id, Blast.status == BlastStatus.sending)
+            .values(status=BlastStatus.paused, reason=reason[:500])
+        )
+        await session.commit()
+    if result.rowcount:  # type: ignore[attr-defined]
+        log.error(
+            "blast %s paused: %s",
+            blast_id,
+            reason,
+            extra={"blast_id": blast_id, "status": BlastStatus.paused.value},
+        )
+
+
+async def finish_if_complete(runtime: Runtime, blast_id: int) -> bool:
+    """Mark the blast done once no row is pending or in flight."""
+    async with runtime.sessions() as session:
+        open_rows = (
+            select(Delivery.id)
+            .where(
+                Delivery.blast_id == blast_id,
+                Delivery.status.in_([DeliveryStatus.pending, DeliveryStatus.sending]),
+            )
+            .exists()
+        )
+        result = await session.execute(
+            update(Blast)
+            .where(Blast.id == blast_id, Blast.status == BlastStatus.sending, ~open_rows)
+            .values(status=BlastStatus.done, finished_at=utcnow(), reason=None)
+        )
+        await session.commit()
+    done = bool(result.rowcount)  # type: ignore[attr-defined]
+    if done:
+        log.info("blast %s done", blast_id, extra={"blast_id": blast_id, "status": "done"})
+    return done
