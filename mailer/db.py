@@ -20,6 +20,9 @@ from sqlalchemy.ext.asyncio import (
 )
 
 
+READONLY = "mailer_readonly"
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -49,10 +52,18 @@ def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Reads (see ``readonly``) never wait for the write lock; in WAL mode they see the
+        # last committed state without blocking anyone.
+        readonly = conn.get_execution_options().get(READONLY, False)
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
     return engine
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def readonly(engine: AsyncEngine) -> AsyncEngine:
+    """The same engine for sessions that only read (no write lock taken on SQLite)."""
+    return engine.execution_options(**{READONLY: True})

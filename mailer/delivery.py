@@ -113,6 +113,7 @@ class Sender:
                 pipe.set(keys.blast_active(blast_id), 1, ex=self._active_ttl())
                 pipe.delete(keys.blast_idle(blast_id))
                 await pipe.execute()
+            await self._clear_waiting(blast_id)
             report = await self._send_chunk(blast_id, claimed)
             totals.sent += report.sent
             totals.failed += report.failed
@@ -138,6 +139,16 @@ class Sender:
     def _active_ttl(self) -> int:
         return max(3, 3 * self.settings.reconcile_interval_s)
 
+    async def _clear_waiting(self, blast_id: int) -> None:
+        """Sending again after a quota wait: the "waiting" note no longer holds."""
+        async with self.runtime.sessions() as session:
+            await session.execute(
+                update(Blast)
+                .where(Blast.id == blast_id, Blast.reason.like("waiting:%"))
+                .values(reason=None)
+            )
+            await session.commit()
+
     async def _current_status(self, blast_id: int) -> str | None:
         """The blast's status, read at most every STATUS_TTL_S per process (pause is fast)."""
         now = time.monotonic()
@@ -149,11 +160,11 @@ class Sender:
         return status
 
     async def _blast_status(self, blast_id: int) -> str | None:
-        async with self.runtime.sessions() as session:
+        async with self.runtime.reads() as session:
             return await session.scalar(select(Blast.status).where(Blast.id == blast_id))
 
     async def _next_due_id(self, blast_id: int, first_id: int, last_id: int) -> int | None:
-        async with self.runtime.sessions() as session:
+        async with self.runtime.reads() as session:
             return await session.scalar(
                 select(func.min(Delivery.id)).where(
                     Delivery.blast_id == blast_id,
@@ -218,7 +229,7 @@ class Sender:
         if blast_id in self._compiled:
             self._compiled.move_to_end(blast_id)
             return self._compiled[blast_id]
-        async with self.runtime.sessions() as session:
+        async with self.runtime.reads() as session:
             statement = await session.scalar(
                 select(Statement)
                 .join(Blast, Blast.statement_id == Statement.id)
@@ -236,7 +247,7 @@ class Sender:
 
     async def _still_subscribed(self, subscriber_ids: list[int]) -> dict[int, str]:
         """Addresses of the given subscribers that are still confirmed, read right now."""
-        async with self.runtime.sessions() as session:
+        async with self.runtime.reads() as session:
             rows = await session.execute(
                 select(Subscriber.id, Subscriber.email).where(
                     Subscriber.id.in_(subscriber_ids),
@@ -283,8 +294,7 @@ class Sender:
         async def send(items: list[Claimed], domain: str | None, rest: list[Claimed]) -> bool:
             """Throttle, re-check, send, record; False once the batch must stop."""
             if self.settings.rate_per_second > 0 or domain is not None:
-                waited = await self.throttle.acquire(len(items), domain)
-                recorder.stats.throttle_wait_s += waited
+                recorder.stats.throttle_wait_s += await self.throttle.acquire(len(items), domain)
             status = await self._current_status(blast_id)
             if status != BlastStatus.sending:  # paused or cancelled: hand the rest back
                 stop.append(f"blast {status}")

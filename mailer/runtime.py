@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from mailer.config import Settings
-from mailer.db import make_engine, make_sessionmaker
+from mailer.db import make_engine, make_sessionmaker, readonly
 from mailer.keys import Keys
 from mailer.tokens import Tokens
 
@@ -22,6 +22,7 @@ class Runtime:
     settings: Settings
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
+    reads: async_sessionmaker[AsyncSession]  # for sessions that never write
     redis: Redis
     keys: Keys
     tokens: Tokens
@@ -33,6 +34,7 @@ class Runtime:
             settings=settings,
             engine=engine,
             sessions=make_sessionmaker(engine),
+            reads=make_sessionmaker(readonly(engine)),
             redis=Redis.from_url(settings.redis_url),
             keys=Keys(settings.queue_name),
             tokens=Tokens(settings.signing_keys, settings.confirm_token_ttl_s),

@@ -140,9 +140,9 @@ class SmtpPool:
             hostname=s.smtp_host,
             port=s.smtp_port,
             timeout=s.smtp_timeout_s,
-            use_tls=security is SmtpSecurity.tls,
-            start_tls=security is SmtpSecurity.starttls,
-            tls_context=self._tls_context() if security is not SmtpSecurity.none else None,
+            use_tls=security == SmtpSecurity.tls,
+            start_tls=security == SmtpSecurity.starttls,
+            tls_context=self._tls_context() if security != SmtpSecurity.none else None,
             username=s.smtp_username,
             password=s.smtp_password.get_secret_value() if s.smtp_password else None,
         )
