@@ -153,6 +153,75 @@ def send_test(address: str) -> None:
     typer.echo(f"sent a test message to {to} via {settings.smtp_host}:{settings.smtp_port}")
 
 
+@app.command()
+def publish(
+    file: Path = typer.Argument(..., help="A Markdown file: front matter or a first # heading."),
+    blast: bool = typer.Option(False, "--blast", help="Blast it to every confirmed subscriber."),
+    at: str | None = typer.Option(None, "--at", help="Blast at this ISO 8601 time (with zone)."),
+) -> None:
+    """Publish a statement from a Markdown file, and optionally blast it now or later."""
+    settings = settings_or_exit()
+    from datetime import datetime
+
+    from pydantic import ValidationError
+
+    from mailer.statements import parse_markdown_file
+
+    if at is not None and not blast:
+        fail("--at needs --blast")
+    send_at = None
+    if at is not None:
+        try:
+            send_at = datetime.fromisoformat(at)
+        except ValueError:
+            fail(f"--at: not an ISO 8601 time: {at!r} (e.g. 2026-12-01T09:00:00+00:00)")
+        if send_at.tzinfo is None:
+            fail(f"--at: {at!r} has no timezone; add one, e.g. {at}+00:00")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read {file}: {exc}")
+    try:
+        data = parse_markdown_file(text).validate()
+    except ValueError as exc:
+        if isinstance(exc, ValidationError):
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            fail(f"{file}: {where}: {first.get('msg')}")
+        fail(f"{file}: {exc}")
+
+    async def _publish() -> tuple[int, int | None, str | None]:
+        from mailer import blasts
+        from mailer.runtime import Runtime
+        from mailer.statements import create_statement
+        from mailer.worker import Queue
+
+        runtime = Runtime.create(settings)
+        queue = await Queue.connect(settings)
+        try:
+            async with runtime.sessions() as session:
+                statement = await create_statement(session, data, None)
+            if not blast:
+                return statement.id, None, None
+            created = await blasts.create(runtime, queue, statement.id, send_at, None)
+            return statement.id, created.id, created.status
+        finally:
+            await queue.close()
+            await runtime.close()
+
+    from mailer.blasts import BlastError
+
+    try:
+        statement_id, blast_id, status = run(_publish())
+    except BlastError as exc:
+        fail(exc.message)
+    typer.echo(f"statement {statement_id} published: {data.title}")
+    if blast_id is not None:
+        typer.echo(
+            f"blast {blast_id} {status}" + (f" for {send_at.isoformat()}" if send_at else "")
+        )
+
+
 # mailer dev ----------------------------------------------------------------------
 
 
@@ -254,5 +323,117 @@ async def _dev_main(settings: Settings, host: str, port: int) -> None:
         await arq_worker.close()
 
 
+# mailer subscribers import / export -------------------------------------------------
+
+SUBSCRIBER_STATUSES = ("pending", "confirmed", "unsubscribed", "bounced")
+
+
+@subscribers_app.command("import")
+def subscribers_import(
+    file: Path = typer.Argument(..., help="CSV with a header: email, name, status, consent_*."),
+    confirmed: bool = typer.Option(
+        False, "--confirmed", help="Import as confirmed, no mail (needs --consent-source)."
+    ),
+    consent_source: str | None = typer.Option(
+        None, "--consent-source", help="Where these people gave consent, kept as the record."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Report only; write nothing."),
+    allow_suppressed: bool = typer.Option(
+        False, "--allow-suppressed", help="Re-add addresses that were erased earlier."
+    ),
+) -> None:
+    """Import subscribers from CSV; new ones get a confirmation mail unless --confirmed."""
+    source = (consent_source or "").strip() or None
+    if confirmed and source is None:
+        typer.echo(
+            "error: --confirmed needs --consent-source TEXT (where consent was given)", err=True
+        )
+        raise typer.Exit(2)
+    if source is not None and (len(source) > 200 or not source.isprintable()):
+        typer.echo("error: --consent-source must be printable and at most 200 characters", err=True)
+        raise typer.Exit(2)
+    settings = settings_or_exit()
+    import logging
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from mailer.importer import ImportFileError, ImportOptions, import_csv
+
+    opts = ImportOptions(confirmed, source, dry_run, allow_suppressed)
+    # arq logs each Redis connection retry; the one-line error below says it all.
+    logging.getLogger("arq.connections").setLevel(logging.ERROR)
+    columns = (TextColumn("importing lines"), BarColumn(), MofNCompleteColumn())
+    bar = Progress(*columns, console=Console(stderr=True))
+
+    def progress(line: int, total: int) -> None:
+        if not bar.task_ids:  # shown once the file passed its checks, so errors stay one line
+            bar.start()
+            bar.add_task("import", total=total)
+        bar.update(bar.task_ids[0], completed=line)
+
+    _use_uvloop()  # queueing 100k confirmation jobs is mostly event-loop work
+    try:
+        report = run(import_csv(settings, file, opts, progress))
+    except ImportFileError as exc:
+        error = str(exc)
+    except Exception as exc:  # noqa: BLE001 - one line for the operator, not a traceback
+        error = f"import stopped: {type(exc).__name__}: {exc}".splitlines()[0]
+    else:
+        error = ""
+    finally:
+        if bar.task_ids:
+            bar.stop()
+    if error:
+        fail(error)
+    for line in report.lines():
+        typer.echo(line)
+
+
+@subscribers_app.command("export")
+def subscribers_export(
+    status: str | None = typer.Option(None, "--status", help="Only this status."),
+) -> None:
+    """Write subscribers as CSV to stdout, in the columns `subscribers import` reads."""
+    if status is not None and status not in SUBSCRIBER_STATUSES:
+        typer.echo(f"error: --status must be one of {', '.join(SUBSCRIBER_STATUSES)}", err=True)
+        raise typer.Exit(2)
+    settings = settings_or_exit()
+    from mailer.db import make_engine
+    from mailer.exporter import export_csv
+
+    async def _export() -> int:
+        engine = make_engine(settings.database_url)
+        try:
+            return await export_csv(engine, sys.stdout, status)
+        finally:
+            await engine.dispose()
+
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:  # names are UTF-8 whatever the locale says
+        reconfigure(encoding="utf-8")
+    try:
+        run(_export())
+        sys.stdout.flush()
+    except BrokenPipeError:  # `mailer subscribers export | head`: the reader is gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except Exception as exc:  # noqa: BLE001
+        fail(f"export stopped: {type(exc).__name__}: {exc}".splitlines()[0])
+
+
 def main() -> None:
     app()
+
+
+@app.command()
+def status(
+    watch: bool = typer.Option(False, "--watch", help="Refresh every 2 s until Ctrl-C."),
+) -> None:
+    """Workers, queue depth, send rate and the progress of every active blast."""
+    settings = settings_or_exit()
+    from mailer.status import Unavailable, show
+
+    try:
+        run(show(settings, watch=watch))
+    except Unavailable as exc:
+        fail(str(exc))

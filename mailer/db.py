@@ -19,7 +19,6 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-
 READONLY = "mailer_readonly"
 
 

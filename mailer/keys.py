@@ -37,7 +37,7 @@ class Keys:
 
     @property
     def sent_log(self) -> str:
-        """Sorted set of (second -> count) used for the send-rate chart."""
+        """Hash of epoch second -> messages sent in it: the send rate and the chart (1 h kept)."""
         return f"{self.queue}:stats:sent-per-second"
 
     @property
@@ -46,8 +46,29 @@ class Keys:
         return f"{self.queue}:stats:counters"
 
     @property
+    def blast_counters(self) -> str:
+        """Hash of "<blast id>:<outcome>" -> messages, summed across every worker."""
+        return f"{self.queue}:stats:blast-counters"
+
+    @property
+    def job_counters(self) -> str:
+        """Hash of "<task function>:<outcome>" -> jobs ended so, summed across every worker."""
+        return f"{self.queue}:stats:jobs"
+
+    @property
+    def smtp_latency(self) -> str:
+        """Hash of SMTP latency histogram buckets (upper bound -> count, not cumulative), sum."""
+        return f"{self.queue}:stats:smtp-latency"
+
+    @property
     def worker_heartbeats(self) -> str:
+        """Hash of worker id -> last heartbeat (epoch seconds)."""
         return f"{self.queue}:workers"
+
+    @property
+    def worker_jobs(self) -> str:
+        """Hash of worker id -> jobs running in that worker now."""
+        return f"{self.queue}:workers:jobs"
 
     def blast_active(self, blast_id: int) -> str:
         """Set (with a TTL) by every batch making progress; the reconciler leaves those be."""
@@ -56,6 +77,10 @@ class Keys:
     def blast_idle(self, blast_id: int) -> str:
         """When the reconciler first found this blast idle with work left (epoch seconds)."""
         return f"{self.queue}:blast:{blast_id}:idle-since"
+
+    def admin_preview(self, editor_id: int, draft_id: str) -> str:
+        """A draft being composed in the admin UI, kept briefly for its preview frame."""
+        return f"{self.queue}:admin:preview:{editor_id}:{draft_id}"
 
     # arq's own job keys (arq:job:<id>) are not scoped by queue, so our job ids are.
 

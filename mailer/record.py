@@ -96,7 +96,12 @@ class Recorder:
                 await session.execute(
                     update(Delivery)
                     .where(Delivery.id.in_(ids))
-                    .values(status=DeliveryStatus.sent, sent_at=now, lease_until=None)
+                    .values(
+                        status=DeliveryStatus.sent,
+                        sent_at=now,
+                        lease_until=None,
+                        attempts=Delivery.attempts + 1,
+                    )
                 )
             if ids := by_status.get("skipped"):
                 await session.execute(
@@ -106,7 +111,10 @@ class Recorder:
                 )
             for o in batch:
                 if o.status == "failed":
-                    values: dict[str, Any] = {"status": DeliveryStatus.failed}
+                    values: dict[str, Any] = {
+                        "status": DeliveryStatus.failed,
+                        "attempts": Delivery.attempts + (0 if o.code is None else 1),
+                    }
                 elif o.status == "retry":
                     values = {
                         "status": DeliveryStatus.pending,

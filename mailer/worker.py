@@ -7,16 +7,23 @@ keeps its durable state in SQL; job ids only dedupe while a job is alive.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import random
+import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
 from arq import Retry, cron
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis, RedisSettings
 from arq.worker import Function, func
+from redis.asyncio import ConnectionPool
 
 from mailer.config import Settings
+from mailer.keys import Keys
+from mailer.metrics import WorkerBeat, live_workers
 from mailer.runtime import Runtime
 
 log = logging.getLogger("mailer.worker")
@@ -37,8 +44,9 @@ class Queue:
 
     @classmethod
     async def connect(cls, settings: Settings) -> Queue:
-        pool = await create_pool(
-            RedisSettings.from_dsn(settings.redis_url), default_queue_name=settings.queue_name
+        # No ping here: a web process must start (and say "not ready") while Redis is down.
+        pool = ArqRedis(
+            ConnectionPool.from_url(settings.redis_url), default_queue_name=settings.queue_name
         )
         return cls(pool, settings)
 
@@ -65,17 +73,33 @@ class Queue:
         await self.pool.enqueue_job("start_blast", blast_id, _job_id=job_id, _defer_until=at)
 
     async def stats(self) -> dict[str, int]:
-        """Queued now, deferred (scheduled for later) and in progress, across all workers."""
-        import time
+        """Queued now, deferred (scheduled for later) and in progress, across all workers.
 
-        now_ms = int(time.time() * 1000)
+        arq leaves a running job in the queue until it ends, so the running ones are taken
+        out of those due. They come from what each live worker reports (``WorkerBeat``):
+        scanning arq's in-progress keys would walk the whole keyspace at every scrape.
+        """
+        now = time.time()
+        now_ms = int(now * 1000)
         queue = self.settings.queue_name
-        ready = await self.pool.zcount(queue, "-inf", now_ms)
-        deferred = await self.pool.zcount(queue, f"({now_ms}", "+inf")
-        in_progress = 0
-        async for _ in self.pool.scan_iter(match="arq:in-progress:" + queue + ":*", count=1000):
-            in_progress += 1
-        return {"queued": int(ready), "deferred": int(deferred), "in_progress": in_progress}
+        keys = Keys(queue)
+        async with self.pool.pipeline(transaction=False) as pipe:
+            pipe.zcount(queue, "-inf", now_ms)
+            pipe.zcount(queue, f"({now_ms}", "+inf")
+            pipe.hgetall(keys.worker_heartbeats)
+            pipe.hgetall(keys.worker_jobs)
+            ready, deferred, beats, running = await pipe.execute()
+        alive = live_workers(beats, now)
+        in_progress = sum(
+            int(n)
+            for w, n in running.items()
+            if (w.decode() if isinstance(w, bytes) else w) in alive
+        )
+        return {
+            "queued": max(0, int(ready) - in_progress),
+            "deferred": int(deferred),
+            "in_progress": in_progress,
+        }
 
 
 # Task functions -----------------------------------------------------------------
@@ -113,6 +137,43 @@ async def reconcile(ctx: dict[str, Any]) -> None:
     await blasts.reconcile(_ctx_runtime(ctx), ctx["queue"])
 
 
+def counted(name: str, timeout_s: float, task: Callable[..., Awaitable[Any]]) -> Any:
+    """Count how each job ends in Redis, so the figures of every worker add up.
+
+    Counted inside the task rather than in arq's job hooks: the hooks are not told how a
+    job ended, and arq's own counters live in one process (its health-check key holds
+    whichever worker wrote last). Jobs arq refuses before running them (expired, too many
+    tries) are not counted here.
+    """
+
+    @functools.wraps(task)
+    async def run(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        beat: WorkerBeat | None = ctx.get("beat")
+        if beat is None:
+            return await task(ctx, *args, **kwargs)
+        started = time.monotonic()
+        outcome = "failed"
+        await beat.job_started()
+        try:
+            result = await task(ctx, *args, **kwargs)
+            outcome = "complete"
+            return result
+        except Retry:
+            outcome = "retried"
+            raise
+        except asyncio.CancelledError:
+            # arq runs a job cut by a shutdown again, but not one cut by its timeout.
+            outcome = "failed" if time.monotonic() - started >= timeout_s * 0.95 else "retried"
+            raise
+        finally:
+            try:
+                await asyncio.wait_for(beat.job_ended(name, outcome), 2)
+            except Exception:  # noqa: BLE001 - a lost count must not change the job's fate
+                log.debug("could not count job %s", name, exc_info=True)
+
+    return run
+
+
 # Worker life cycle ----------------------------------------------------------------
 
 
@@ -128,11 +189,15 @@ def make_startup(settings: Settings) -> Any:
         renderer = Renderer(settings)
         ctx.update(runtime=runtime, queue=queue, smtp=smtp, renderer=renderer)
         ctx["sender"] = Sender(runtime, queue, smtp, renderer)
+        ctx["beat"] = WorkerBeat(runtime.redis, runtime.keys)
+        await ctx["beat"].start()
 
     return startup
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    if "beat" in ctx:
+        await ctx["beat"].stop()
     if "smtp" in ctx:
         await ctx["smtp"].close()
     if "runtime" in ctx:
@@ -144,15 +209,33 @@ def worker_settings(settings: Settings, **overrides: Any) -> dict[str, Any]:
     every = settings.reconcile_interval_s
     seconds = set(range(0, 60, every))
     functions: list[Function] = [
-        func(send_confirmation, name="send_confirmation", max_tries=12, timeout=60),
+        func(
+            counted("send_confirmation", 60, send_confirmation),
+            name="send_confirmation",
+            max_tries=12,
+            timeout=60,
+        ),
         # A batch job's timeout bounds how long its recipients stay "in flight" after a
         # crash (arq re-runs it only once its in-progress key expires: timeout + 10 s).
-        func(send_batch, name="send_batch", max_tries=1000, timeout=120, keep_result=0),
-        func(start_blast, name="start_blast", max_tries=100, timeout=300, keep_result=0),
+        func(
+            counted("send_batch", 120, send_batch),
+            name="send_batch",
+            max_tries=1000,
+            timeout=120,
+            keep_result=0,
+        ),
+        func(
+            counted("start_blast", 300, start_blast),
+            name="start_blast",
+            max_tries=100,
+            timeout=300,
+            keep_result=0,
+        ),
     ]
+    reconciler = counted("reconcile", 120, reconcile)
     values: dict[str, Any] = {
         "functions": functions,
-        "cron_jobs": [cron(reconcile, name="reconcile", second=seconds, unique=True, timeout=120)],
+        "cron_jobs": [cron(reconciler, name="reconcile", second=seconds, unique=True, timeout=120)],
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "queue_name": settings.queue_name,
         "on_startup": make_startup(settings),

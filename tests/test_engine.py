@@ -143,7 +143,7 @@ async def test_daily_quota_waits_then_resumes(
 def fault_plan(rcpt: str, attempt: int) -> str | None:
     n = int(re.sub(r"\D", "", rcpt))
     if n % 100 == 7:
-        return "550 5.1.1 <%s>: no such user" % rcpt
+        return f"550 5.1.1 <{rcpt}>: no such user"
     if n % 50 == 3 and attempt == 1:
         return DROP
     if n % 10 == 1 and attempt <= 2:

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from mailer import blasts, statements
 from mailer.editors import authenticate
-from mailer.models import Editor, Subscriber, SubscriberEvent, SubscriberStatus
+from mailer.models import Editor, Statement, Subscriber, SubscriberEvent, SubscriberStatus
 from mailer.render import StatementContent, make_message_id
 from mailer.smtp import SendError, SmtpConfigError, SmtpPool
 from mailer.subscriptions import InvalidInput, normalize_email
@@ -99,12 +99,28 @@ async def send_test(
     request: Request, statement_id: int, data: TestSendIn, _: EditorDep
 ) -> dict[str, Any]:
     ctx = get_ctx(request)
-    settings = ctx.runtime.settings
     try:
         recipients = [normalize_email(a) for a in data.to]
     except InvalidInput as exc:
         raise ApiError(422, f"to: {exc.message}") from None
     statement = await _statement_or_404(ctx, statement_id)
+    try:
+        results = await send_test_copies(ctx, statement, recipients)
+    except SmtpConfigError as exc:
+        raise ApiError(502, f"SMTP relay unusable: {exc}") from None
+    return {"statement_id": statement_id, "results": results}
+
+
+async def send_test_copies(
+    ctx: AppContext, statement: Statement, recipients: list[str]
+) -> dict[str, str]:
+    """Shared by the API and the admin UI, so a test copy is the same message either way.
+
+    Sent at once on a private connection, bypassing queue and throttle: an editor is
+    waiting for it. A refused address is a result; SmtpConfigError means the relay
+    itself is unusable. ``recipients`` must already be normalized.
+    """
+    settings = ctx.runtime.settings
     compiled = ctx.renderer.compile_statement(
         StatementContent.from_model(statement), blast_id=None, test=True
     )
@@ -122,11 +138,9 @@ async def send_test(
                 results[to] = "sent"
             except SendError as exc:
                 results[to] = f"refused: {exc}"
-            except SmtpConfigError as exc:
-                raise ApiError(502, f"SMTP relay unusable: {exc}") from None
     finally:
         await pool.close()
-    return {"statement_id": statement_id, "results": results}
+    return results
 
 
 class BlastIn(BaseModel):
@@ -249,3 +263,34 @@ async def get_subscriber(request: Request, subscriber_id: int, _: EditorDep) -> 
             {"kind": e.kind, "at": e.at.isoformat(), "ip": e.ip, "detail": e.detail} for e in events
         ]
     return out
+
+
+@router.get("/subscribers/{subscriber_id}/export")
+async def export_subscriber_data(
+    request: Request, subscriber_id: int, _: EditorDep
+) -> dict[str, Any]:
+    """Everything held on one person, for a data-subject access request."""
+    from mailer.privacy import export_subscriber
+
+    async with get_ctx(request).runtime.sessions() as session:
+        data = await export_subscriber(session, subscriber_id)
+    if data is None:
+        raise ApiError(404, f"no subscriber with id {subscriber_id}")
+    return data
+
+
+@router.delete("/subscribers/{subscriber_id}", status_code=204)
+async def erase_subscriber_data(request: Request, subscriber_id: int, editor: EditorDep) -> None:
+    """Erase (GDPR): personal data gone, the address hashed onto the suppression list."""
+    import logging
+
+    from mailer.privacy import erase_subscriber
+
+    ctx = get_ctx(request)
+    async with ctx.runtime.sessions() as session:
+        erased = await erase_subscriber(session, ctx.runtime.settings, subscriber_id)
+    if not erased:
+        raise ApiError(404, f"no subscriber with id {subscriber_id}")
+    logging.getLogger("mailer.privacy").info(
+        "subscriber %s erased by editor %s", subscriber_id, editor.id
+    )

@@ -19,7 +19,7 @@ from fastapi.templating import Jinja2Templates
 from mailer.config import Env, Settings
 from mailer.render import Renderer
 from mailer.runtime import Runtime
-from mailer.web import api, ops, public
+from mailer.web import admin, api, ops, public
 from mailer.web.context import AppContext
 from mailer.worker import Queue
 
@@ -85,6 +85,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(public.router)
     app.include_router(api.router)
     app.include_router(ops.router)
+    app.include_router(admin.router)
     if settings.env is Env.dev:
         from mailer.web import devinbox
 

@@ -1,16 +1,46 @@
-"""Ops endpoints: liveness, readiness (Redis and SQL), queue figures."""
+"""Ops endpoints: liveness, readiness (Redis and SQL), Prometheus metrics, queue figures.
+
+``/metrics``, ``/healthz`` and ``/readyz`` are open, because scrapers and load balancers
+carry no token: keep them reachable from the monitoring network only (docs/deploy.md).
+``/api/queue`` names workers and blasts, so it wants an editor token like the editor API.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
+from mailer.metrics import Exporter, queue_overview
+from mailer.web.api import EditorDep
 from mailer.web.context import get_ctx
 
 router = APIRouter()
+
+
+def _exporter(app: FastAPI) -> Exporter:
+    """The app's own registry, made on first scrape so app.py needs no wiring for it."""
+    exporter = getattr(app.state, "metrics_exporter", None)
+    if not isinstance(exporter, Exporter):
+        exporter = app.state.metrics_exporter = Exporter()
+    return exporter
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    ctx = get_ctx(request)
+    body = await _exporter(request.app).render(ctx.runtime, ctx.queue)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/api/queue")
+async def api_queue(request: Request, _: EditorDep) -> dict[str, Any]:
+    ctx = get_ctx(request)
+    return await queue_overview(ctx.runtime, ctx.queue)
 
 
 @router.get("/healthz")
