@@ -31,10 +31,12 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local n, gi, gc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local di, dc = tonumber(ARGV[4]), tonumber(ARGV[5])
-local send, dtat = now, 0
+local send, dtat, doff, dsend = now, 0, 0, now
 if di > 0 then
   dtat = tonumber(redis.call('GET', KEYS[3]) or '0')
-  send = math.max(send, math.max(dtat, now) + (n - dc) * di)
+  doff = (n - dc) * di  -- when, within its stretch, a domain block may go
+  dsend = math.max(now, math.max(dtat, now) + doff)
+  send = dsend
 end
 if gi > 0 then
   local frontier = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
@@ -58,7 +60,11 @@ if gi > 0 then
   send = math.max(send, v + (n - gc) * gi)
 end
 if di > 0 then
-  local stop = math.max(dtat, send) + n * di
+  -- The domain's stretch starts at its own virtual time, unless the global limit pushed
+  -- the send later: then the stretch moves with it (keeping the send offset).
+  local vstart = math.max(dtat, now)
+  if send > dsend then vstart = send - doff end
+  local stop = vstart + n * di
   redis.call('SET', KEYS[3], fmt(stop), 'PX', math.ceil((stop - now) / 1000) + 1000)
 end
 return math.ceil(send - now)
@@ -110,6 +116,7 @@ return {changed, total, math.ceil(wait)}
 
 
 LATE_S = 0.02  # woke later than this after the slot: book again rather than send late
+SLACK_S = 0.05  # of the burst kept in reserve for late arrivals at the relay
 MAX_REBOOKS = 5
 
 
@@ -181,10 +188,13 @@ class Throttle:
         if self.rate <= 0 and dom is None:
             return 0.0
         keys = [self.keys.throttle_global, self.keys.throttle_global_reserved]
-        args: list[float] = [n, 1e6 / self.rate if self.rate > 0 else 0, self.capacity, 0, 1]
+        # SLACK_S of the burst is held back: a block that reaches the relay a little late
+        # (connection set-up, a slow query) must still not overfill its one-second window.
+        capacity = max(0.0, self.capacity - SLACK_S * self.rate)
+        args: list[float] = [n, 1e6 / self.rate if self.rate > 0 else 0, capacity, 0, 1]
         if dom is not None:
             keys.append(self.keys.throttle_domain(dom_key))
-            args[3:] = [1e6 / dom[0], dom[1]]
+            args[3:] = [1e6 / dom[0], max(0.0, dom[1] - SLACK_S * dom[0])]
         wait_us = int(cast(int, await self._reserve(keys=keys, args=args)))
         return max(0, wait_us) / 1e6
 
