@@ -9,7 +9,6 @@ address that left (or was erased) is not brought back by an old list.
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import csv
 import time
@@ -29,7 +28,6 @@ from mailer.worker import Queue
 MAX_FILE_BYTES = 200 * 1024 * 1024
 MAX_FILE_LABEL = "200 MB"
 CHUNK_ROWS = 1000
-ENQUEUE_CONCURRENCY = 50
 # Every problem line is printed, up to this many; a file of garbage should not flood a terminal.
 MAX_NOTES = 10_000
 
@@ -219,18 +217,12 @@ async def _apply_with_retry(
 
 
 async def _enqueue(runtime: Runtime, queue: Queue, ids: list[int]) -> None:
-    """Queue confirmation mails in small concurrent groups, so Redis round trips overlap.
+    """Queue the chunk's confirmation mails in one Redis round trip.
 
     Only after the chunk committed: a job that ran first would find no pending row.
     """
     stamp = int(time.time())
-    for start in range(0, len(ids), ENQUEUE_CONCURRENCY):
-        await asyncio.gather(
-            *(
-                queue.confirmation(sub_id, runtime.keys.confirm_job_id(sub_id, stamp))
-                for sub_id in ids[start : start + ENQUEUE_CONCURRENCY]
-            )
-        )
+    await queue.confirmations([(i, runtime.keys.confirm_job_id(i, stamp)) for i in ids])
 
 
 async def import_csv(
