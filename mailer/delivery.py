@@ -37,7 +37,6 @@ from mailer.smtp import (
     SendError,
     SmtpConfigError,
     SmtpPool,
-    TransientSendError,
 )
 from mailer.throttle import Throttle
 from mailer.worker import Queue, retry_delay
@@ -419,6 +418,22 @@ class Sender:
     async def _send_one(
         self, compiled: CompiledMessage, blast_id: int, item: Claimed, email: str
     ) -> Outcome | None:
+        """Send one message; None when the relay itself is unusable (the blast is paused)."""
+
+        def failed(
+            code: int | None, error: str, *, policy: bool = False, suppress: bool = False
+        ) -> Outcome:
+            return Outcome(
+                blast_id,
+                item.delivery_id,
+                item.subscriber_id,
+                "failed",
+                code,
+                error,
+                policy=policy,
+                suppress=suppress,
+            )
+
         try:
             data = compiled.build(
                 to=email,
@@ -426,37 +441,17 @@ class Sender:
                 message_id=make_message_id(self.settings, blast_id, item.subscriber_id),
             )
         except ValueError as exc:  # an address or URL that cannot be put on the wire
-            return Outcome(
-                blast_id, item.delivery_id, item.subscriber_id, "failed", None, str(exc)[:200]
-            )
+            return failed(None, str(exc)[:200])
         try:
             await self._timed_send(self.envelope_sender(item.subscriber_id), email, data)
         except SmtpConfigError as exc:
             await pause_blast(self.runtime, blast_id, f"SMTP relay unusable: {exc}")
             return None
-        except TransientSendError as exc:
-            return self._transient(blast_id, item, exc)
         except PolicyError as exc:
-            return Outcome(
-                blast_id,
-                item.delivery_id,
-                item.subscriber_id,
-                "failed",
-                exc.code,
-                exc.message,
-                policy=True,
-            )
+            return failed(exc.code, exc.message, policy=True)
         except PermanentSendError as exc:
-            return Outcome(
-                blast_id,
-                item.delivery_id,
-                item.subscriber_id,
-                "failed",
-                exc.code,
-                exc.message,
-                suppress=exc.suppress,
-            )
-        except SendError as exc:  # pragma: no cover - every SendError is one of the above
+            return failed(exc.code, exc.message, suppress=exc.suppress)
+        except SendError as exc:  # transient: 4xx, timeouts, dropped lines
             return self._transient(blast_id, item, exc)
         return Outcome(blast_id, item.delivery_id, item.subscriber_id, "sent")
 
