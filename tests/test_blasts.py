@@ -188,7 +188,7 @@ async def test_unsubscribe_wins_during_a_slow_blast(
 async def test_pause_resume_cancel_and_schedule(
     app_client: httpx.AsyncClient, smtp: SmtpServer, settings: Settings, start_worker: Any
 ) -> None:
-    await seed_subscribers(settings, confirmed=400)
+    await seed_subscribers(settings, confirmed=240)
     token = await editor_token(settings)
     slow = settings.model_copy(update={"rate_per_second": 40.0, "rate_burst": 2})
     await start_worker(settings=slow)
@@ -209,7 +209,7 @@ async def test_pause_resume_cancel_and_schedule(
     r = await app_client.post(f"/api/blasts/{bid}/resume", headers=auth(token))
     assert r.status_code == 200 and r.json()["status"] == "sending"
     done = await wait_status(app_client, token, bid, "done", timeout=60)
-    assert done["sent"] == 400 and len(smtp.messages) == 400
+    assert done["sent"] == 240 and len(smtp.messages) == 240
 
     # cancel: the rest stays unsent and the counters say so
     smtp.recorder.clear()
@@ -221,7 +221,7 @@ async def test_pause_resume_cancel_and_schedule(
     p = await progress(app_client, token, bid2)
     assert p["status"] == "cancelled"
     assert p["cancelled"] > 0 and p["pending"] == 0
-    assert p["sent"] + p["cancelled"] + p["skipped"] + p["failed"] == 400
+    assert p["sent"] + p["cancelled"] + p["skipped"] + p["failed"] == 240
     assert p["sent"] == len(smtp.messages)
     assert (
         await app_client.post(f"/api/blasts/{bid2}/resume", headers=auth(token))
@@ -243,7 +243,7 @@ async def test_pause_resume_cancel_and_schedule(
     await wait_until(lambda: smtp.messages, timeout=20)
     assert min(m.at for m in smtp.messages) >= at
     done = await wait_status(app_client, token, bid3, "done", timeout=60)
-    assert done["sent"] == 400
+    assert done["sent"] == 240
 
 
 async def test_bad_input_is_refused_and_writes_nothing(
