@@ -8,6 +8,7 @@ A wrong value stops start-up with one line naming the variable, never a tracebac
 from __future__ import annotations
 
 import functools
+import ipaddress
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -34,6 +35,24 @@ class SmtpSecurity(StrEnum):
 class LogFormat(StrEnum):
     text = "text"
     json = "json"
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@functools.lru_cache(maxsize=32)
+def parse_networks(entries: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    """Addresses and CIDR ranges (``10.0.0.0/8``, ``2001:db8::/32``); an address is a
+    network of one. Raises ValueError naming the first entry that is neither."""
+    out: list[IPNetwork] = []
+    for entry in entries:
+        try:
+            out.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ValueError(
+                f"{entry!r} is not an IP address or CIDR range (e.g. 10.0.0.1 or 10.0.0.0/8)"
+            ) from None
+    return tuple(out)
 
 
 def _split_csv(value: object) -> object:
@@ -107,6 +126,12 @@ class Settings(BaseSettings):
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, value: list[str]) -> list[str]:
+        parse_networks(tuple(value))  # a typo must stop start-up, not trust nobody silently
+        return value
+
     @field_validator("domain_rates", mode="before")
     @classmethod
     def _domain_rates(cls, value: object) -> object:
@@ -155,6 +180,11 @@ class Settings(BaseSettings):
         """Old keys first, current key last: itsdangerous signs with the last one."""
         current = self.secret_key.get_secret_value() if self.secret_key else DEV_SECRET
         return [k.get_secret_value() for k in self.old_secret_keys] + [current]
+
+    @property
+    def trusted_networks(self) -> tuple[IPNetwork, ...]:
+        """``trusted_proxies`` parsed (cached per value, so copies of Settings stay right)."""
+        return parse_networks(tuple(self.trusted_proxies))
 
     @property
     def public_host(self) -> str:

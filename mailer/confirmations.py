@@ -27,9 +27,20 @@ async def send(runtime: Runtime, smtp: SmtpPool, renderer: Renderer, subscriber_
         if sub is None or sub.status != SubscriberStatus.pending:
             return "not pending"
         email, name = sub.email, sub.name
-    data = renderer.confirmation(
-        to=email, name=name, confirm_url=runtime.confirm_url(subscriber_id)
-    )
+    try:
+        data = renderer.confirmation(
+            to=email, name=name, confirm_url=runtime.confirm_url(subscriber_id)
+        )
+    except ValueError as exc:  # a stored value that cannot go on the wire safely
+        async with runtime.sessions() as session:
+            session.add(
+                SubscriberEvent(
+                    subscriber_id=subscriber_id, kind="confirmation_failed", detail=str(exc)[:500]
+                )
+            )
+            await session.commit()
+        log.warning("confirmation to subscriber %s not sent: unusable stored value", subscriber_id)
+        return "failed"
     try:
         await smtp.send(runtime.settings.from_address, email, data)
     except TransientSendError as exc:

@@ -16,7 +16,7 @@ from mailer.models import SubscriberStatus
 from mailer.subscriptions import (
     MAX_EMAIL_LENGTH,
     InvalidInput,
-    _has_control,
+    has_control,
     normalize_email,
     normalize_name,
 )
@@ -53,7 +53,7 @@ def _text(value: str, column: str) -> str | None:
         return None
     if len(value) > FIELD_LIMITS[column]:
         raise InvalidInput(column, f"is longer than {FIELD_LIMITS[column]} characters")
-    if _has_control(value):
+    if has_control(value):
         raise InvalidInput(column, "must not contain control characters or line breaks")
     return value
 

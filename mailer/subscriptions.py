@@ -33,7 +33,7 @@ class InvalidInput(ValueError):
         self.message = message
 
 
-def _has_control(text: str) -> bool:
+def has_control(text: str) -> bool:
     return any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in text)
 
 
@@ -44,7 +44,7 @@ def normalize_email(raw: object) -> str:
     text = raw.strip()
     if len(text) > MAX_EMAIL_LENGTH:
         raise InvalidInput("email", f"is longer than {MAX_EMAIL_LENGTH} characters")
-    if _has_control(text) or any(ch.isspace() for ch in text):
+    if has_control(text) or any(ch.isspace() for ch in text):
         raise InvalidInput("email", "must not contain spaces or control characters")
     try:
         result = validate_email(text, check_deliverability=False, allow_smtputf8=False)
@@ -66,7 +66,7 @@ def normalize_name(raw: object) -> str | None:
         return None
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidInput("name", f"is longer than {MAX_NAME_LENGTH} characters")
-    if _has_control(name):
+    if has_control(name):
         raise InvalidInput("name", "must not contain control characters or line breaks")
     return name
 

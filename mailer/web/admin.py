@@ -50,8 +50,8 @@ from mailer.models import (
 )
 from mailer.render import StatementContent
 from mailer.smtp import SmtpConfigError
-from mailer.subscriptions import InvalidInput, normalize_email
-from mailer.web.api import send_test_copies
+from mailer.subscriptions import InvalidInput, has_control, normalize_email
+from mailer.web.api import BlastId, Offset, StatementId, SubscriberId, send_test_copies
 from mailer.web.context import AppContext, client_ip, get_ctx
 
 log = logging.getLogger("mailer.admin")
@@ -142,10 +142,15 @@ def _secure(ctx: AppContext) -> bool:
     return ctx.runtime.settings.base_url.startswith("https://")
 
 
+def _delete_cookie(ctx: AppContext, response: Response, name: str) -> None:
+    """Ends a cookie with the same attributes it was set with (HttpOnly, SameSite, Secure)."""
+    response.delete_cookie(name, path="/admin", httponly=True, samesite="lax", secure=_secure(ctx))
+
+
 def _to_login(request: Request) -> Response:
     response = RedirectResponse("/admin/login", 303)
     if SESSION_COOKIE in request.cookies:
-        response.delete_cookie(SESSION_COOKIE, path="/admin")
+        _delete_cookie(get_ctx(request), response, SESSION_COOKIE)
     return response
 
 
@@ -254,7 +259,7 @@ def _render(
     context = {"admin": admin, "flash": shown, "csrf_field": CSRF_FIELD, **values}
     response = ctx.templates.TemplateResponse(request, f"admin/{name}", context, status_code=status)
     if FLASH_COOKIE in request.cookies:
-        response.delete_cookie(FLASH_COOKIE, path="/admin")
+        _delete_cookie(ctx, response, FLASH_COOKIE)
     return response
 
 
@@ -283,7 +288,7 @@ async def login(request: Request) -> Response:
         async with ctx.runtime.sessions() as session:
             editor = await authenticate(session, token.strip())
     if editor is None:
-        ip = client_ip(request, ctx.runtime.settings.trusted_proxies)
+        ip = client_ip(request, ctx.runtime.settings.trusted_networks)
         log.warning("admin: failed login from %s", ip)
         return _render(
             request,
@@ -311,7 +316,7 @@ async def login(request: Request) -> Response:
 @router.post("/logout")
 async def logout(request: Request, _: Post) -> Response:
     response = _redirect(request, "/admin/login", "Signed out.")
-    response.delete_cookie(SESSION_COOKIE, path="/admin")
+    _delete_cookie(get_ctx(request), response, SESSION_COOKIE)
     return response
 
 
@@ -484,12 +489,12 @@ async def _statement_page(
 
 
 @router.get("/statements/{statement_id}", response_class=HTMLResponse)
-async def statement_page(request: Request, statement_id: int, admin: Signed) -> Response:
+async def statement_page(request: Request, statement_id: StatementId, admin: Signed) -> Response:
     return await _statement_page(request, admin, statement_id)
 
 
 @router.post("/statements/{statement_id}", response_class=HTMLResponse)
-async def update_statement(request: Request, statement_id: int, posted: Post) -> Response:
+async def update_statement(request: Request, statement_id: StatementId, posted: Post) -> Response:
     values = _form_statement(posted)
     try:
         data = statements.StatementIn(**values)
@@ -521,7 +526,7 @@ async def update_statement(request: Request, statement_id: int, posted: Post) ->
 
 
 @router.get("/statements/{statement_id}/preview")
-async def statement_preview(request: Request, statement_id: int, _: Signed) -> Response:
+async def statement_preview(request: Request, statement_id: StatementId, _: Signed) -> Response:
     ctx = get_ctx(request)
     async with ctx.runtime.sessions() as session:
         statement = await statements.get_statement(session, statement_id)
@@ -601,7 +606,7 @@ def _split_addresses(raw: str) -> list[str]:
 
 
 @router.post("/statements/{statement_id}/test", response_class=HTMLResponse)
-async def test_send(request: Request, statement_id: int, posted: Post) -> Response:
+async def test_send(request: Request, statement_id: StatementId, posted: Post) -> Response:
     ctx = get_ctx(request)
     try:
         recipients = _split_addresses(posted.text("to"))
@@ -648,7 +653,10 @@ def _send_at(posted: Posted) -> datetime | None:
     except ValueError:
         raise InvalidInput("send_at", f"{raw[:40]!r} is not a date and time") from None
     # The form says UTC; an explicit offset (from a script) is honoured as given.
-    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        raise InvalidInput("send_at", f"{raw[:40]!r} is out of range") from None
     if value < utcnow() - PAST_GRACE:
         now = utcnow().strftime("%Y-%m-%d %H:%M")
         raise InvalidInput("send_at", f"{value:%Y-%m-%d %H:%M} UTC is in the past (now: {now})")
@@ -656,7 +664,7 @@ def _send_at(posted: Posted) -> datetime | None:
 
 
 @router.post("/statements/{statement_id}/blast", response_class=HTMLResponse)
-async def blast_statement(request: Request, statement_id: int, posted: Post) -> Response:
+async def blast_statement(request: Request, statement_id: StatementId, posted: Post) -> Response:
     ctx = get_ctx(request)
     try:
         send_at = _send_at(posted)
@@ -721,7 +729,7 @@ async def blasts_page(request: Request, admin: Signed) -> Response:
 
 
 @router.get("/blasts/{blast_id}/progress.json")
-async def blast_progress(request: Request, blast_id: int, _: Signed) -> JSONResponse:
+async def blast_progress(request: Request, blast_id: BlastId, _: Signed) -> JSONResponse:
     async with get_ctx(request).runtime.sessions() as session:
         p = await blasts.progress(session, blast_id)
     if p is None:
@@ -730,7 +738,7 @@ async def blast_progress(request: Request, blast_id: int, _: Signed) -> JSONResp
 
 
 @router.get("/blasts/{blast_id}", response_class=HTMLResponse)
-async def blast_page(request: Request, blast_id: int, admin: Signed) -> Response:
+async def blast_page(request: Request, blast_id: BlastId, admin: Signed) -> Response:
     """Failures are listed with the relay's own reply: only the code and text tell an editor
     whether an address, the content or the sender's reputation is at fault."""
     async with get_ctx(request).runtime.sessions() as session:
@@ -773,7 +781,7 @@ async def blast_page(request: Request, blast_id: int, admin: Signed) -> Response
 
 
 @router.post("/blasts/{blast_id}/{action}", response_class=HTMLResponse)
-async def blast_action(request: Request, blast_id: int, action: str, posted: Post) -> Response:
+async def blast_action(request: Request, blast_id: BlastId, action: str, posted: Post) -> Response:
     ctx = get_ctx(request)
     try:
         if action == "pause":
@@ -810,9 +818,10 @@ async def subscribers_page(
     admin: Signed,
     q: Annotated[str, Query(max_length=320)] = "",
     status: Annotated[str, Query(max_length=20)] = "",
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> Response:
     ctx = get_ctx(request)
+    q = "".join(" " if has_control(ch) else ch for ch in q)  # NUL would break PostgreSQL
     wanted = status if status in {s.value for s in SubscriberStatus} else ""
     query = select(Subscriber)
     count = select(func.count()).select_from(Subscriber)
@@ -855,7 +864,7 @@ async def subscribers_page(
 
 
 @router.get("/subscribers/{subscriber_id}", response_class=HTMLResponse)
-async def subscriber_page(request: Request, subscriber_id: int, admin: Signed) -> Response:
+async def subscriber_page(request: Request, subscriber_id: SubscriberId, admin: Signed) -> Response:
     async with get_ctx(request).runtime.sessions() as session:
         sub = await session.get(Subscriber, subscriber_id)
         if sub is None:
@@ -878,7 +887,7 @@ async def subscriber_page(request: Request, subscriber_id: int, admin: Signed) -
 
 
 @router.post("/subscribers/{subscriber_id}/erase", response_class=HTMLResponse)
-async def erase(request: Request, subscriber_id: int, posted: Post) -> Response:
+async def erase(request: Request, subscriber_id: SubscriberId, posted: Post) -> Response:
     ctx = get_ctx(request)
     async with ctx.runtime.sessions() as session:
         erased = await privacy.erase_subscriber(session, ctx.runtime.settings, subscriber_id)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import func, select
 
 from mailer import blasts, statements
@@ -15,8 +18,8 @@ from mailer.editors import authenticate
 from mailer.models import Editor, Statement, Subscriber, SubscriberEvent, SubscriberStatus
 from mailer.render import StatementContent, make_message_id
 from mailer.smtp import SendError, SmtpConfigError, SmtpPool
-from mailer.subscriptions import InvalidInput, normalize_email
-from mailer.web.context import AppContext, get_ctx
+from mailer.subscriptions import InvalidInput, has_control, normalize_email
+from mailer.web.context import MAX_SQL_INT, AppContext, get_ctx
 
 
 class ApiError(Exception):
@@ -27,7 +30,23 @@ class ApiError(Exception):
         self.headers = headers
 
 
-async def current_editor(request: Request) -> Editor:
+PROBLEM_SCHEMA = {
+    "type": "object",
+    "properties": {"detail": {"type": "string", "description": "what is wrong, in one line"}},
+    "required": ["detail"],
+}
+
+
+def problem(description: str) -> dict[str, Any]:
+    """An error answer for the OpenAPI document: JSON ``{"detail": …}``, also on HTML routes."""
+    return {"description": description, "content": {"application/json": {"schema": PROBLEM_SCHEMA}}}
+
+
+# Declared so the OpenAPI document says how to authenticate; the check itself is below.
+_bearer = HTTPBearer(auto_error=False, description="an editor token from `mailer editors add`")
+
+
+async def _authenticate(request: Request) -> Editor:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -40,8 +59,43 @@ async def current_editor(request: Request) -> Editor:
     return editor
 
 
+async def current_editor(
+    request: Request,
+    _declared: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None,
+) -> Editor:
+    """The editor ``_EditorRoute`` already checked (or checked now, for other routers)."""
+    editor = getattr(request.state, "editor", None)
+    return editor if isinstance(editor, Editor) else await _authenticate(request)
+
+
+class _EditorRoute(APIRoute):
+    """Authenticates before FastAPI reads the body: a request without a valid token gets
+    401/403 whatever it carries, and nothing it sent is parsed."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def run(request: Request) -> Response:
+            request.state.editor = await _authenticate(request)
+            return await handler(request)
+
+        return run
+
+
 EditorDep = Annotated[Editor, Depends(current_editor)]
-router = APIRouter(prefix="/api")
+EDITOR_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: problem("no bearer token"),
+    403: problem("the token is not a valid editor token"),
+    413: problem("the request body is larger than MAILER_MAX_BODY_BYTES"),
+    422: problem("invalid input; the detail names the field and the problem"),
+}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: problem("no such record")}
+# Path ids and offsets beyond what SQL can hold are refused as input, never passed on.
+StatementId = Annotated[int, Path(ge=1, le=MAX_SQL_INT)]
+BlastId = Annotated[int, Path(ge=1, le=MAX_SQL_INT)]
+SubscriberId = Annotated[int, Path(ge=1, le=MAX_SQL_INT)]
+Offset = Annotated[int, Query(ge=0, le=MAX_SQL_INT)]
+router = APIRouter(prefix="/api", responses=EDITOR_ERRORS, route_class=_EditorRoute)
 
 
 def _statement_json(s: Any) -> dict[str, Any]:
@@ -77,13 +131,15 @@ async def _statement_or_404(ctx: AppContext, statement_id: int) -> Any:
     return statement
 
 
-@router.get("/statements/{statement_id}")
-async def get_statement(request: Request, statement_id: int, _: EditorDep) -> dict[str, Any]:
+@router.get("/statements/{statement_id}", responses=NOT_FOUND)
+async def get_statement(
+    request: Request, statement_id: StatementId, _: EditorDep
+) -> dict[str, Any]:
     return _statement_json(await _statement_or_404(get_ctx(request), statement_id))
 
 
-@router.get("/statements/{statement_id}/preview", response_class=HTMLResponse)
-async def preview(request: Request, statement_id: int, _: EditorDep) -> HTMLResponse:
+@router.get("/statements/{statement_id}/preview", response_class=HTMLResponse, responses=NOT_FOUND)
+async def preview(request: Request, statement_id: StatementId, _: EditorDep) -> HTMLResponse:
     ctx = get_ctx(request)
     statement = await _statement_or_404(ctx, statement_id)
     html = ctx.renderer.preview_html(StatementContent.from_model(statement))
@@ -94,9 +150,12 @@ class TestSendIn(BaseModel):
     to: list[str] = Field(min_length=1, max_length=20)
 
 
-@router.post("/statements/{statement_id}/test")
+@router.post(
+    "/statements/{statement_id}/test",
+    responses=NOT_FOUND | {502: problem("the SMTP relay is unusable (configuration, TLS, login)")},
+)
 async def send_test(
-    request: Request, statement_id: int, data: TestSendIn, _: EditorDep
+    request: Request, statement_id: StatementId, data: TestSendIn, _: EditorDep
 ) -> dict[str, Any]:
     ctx = get_ctx(request)
     try:
@@ -144,11 +203,22 @@ async def send_test_copies(
 
 
 class BlastIn(BaseModel):
-    statement_id: int
+    statement_id: int = Field(ge=1, le=MAX_SQL_INT)
     send_at: datetime | None = None
 
+    @field_validator("send_at")
+    @classmethod
+    def _in_range(cls, value: datetime | None) -> datetime | None:
+        """An offset that pushes the instant past year 9999 (or before year 1) in UTC."""
+        if value is not None and value.tzinfo is not None:
+            try:
+                value.astimezone(UTC)
+            except OverflowError:
+                raise ValueError("is out of range once converted to UTC") from None
+        return value
 
-@router.post("/blasts", status_code=202)
+
+@router.post("/blasts", status_code=202, responses={409: problem("the statement is being sent")})
 async def create_blast(request: Request, data: BlastIn, editor: EditorDep) -> JSONResponse:
     ctx = get_ctx(request)
     try:
@@ -173,7 +243,7 @@ async def list_blasts(
     request: Request,
     _: EditorDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> dict[str, Any]:
     ctx = get_ctx(request)
     async with ctx.runtime.sessions() as session:
@@ -181,13 +251,18 @@ async def list_blasts(
     return {"items": [p.as_dict() for p in items]}
 
 
-@router.get("/blasts/{blast_id}")
-async def get_blast(request: Request, blast_id: int, _: EditorDep) -> dict[str, Any]:
+@router.get("/blasts/{blast_id}", responses=NOT_FOUND)
+async def get_blast(request: Request, blast_id: BlastId, _: EditorDep) -> dict[str, Any]:
     return await _blast_json(get_ctx(request), blast_id)
 
 
-@router.post("/blasts/{blast_id}/{action}")
-async def blast_action(request: Request, blast_id: int, action: str, _: EditorDep) -> JSONResponse:
+@router.post(
+    "/blasts/{blast_id}/{action}",
+    responses=NOT_FOUND | {409: problem("the blast's state forbids the action")},
+)
+async def blast_action(
+    request: Request, blast_id: BlastId, action: str, _: EditorDep
+) -> JSONResponse:
     ctx = get_ctx(request)
     try:
         if action == "pause":
@@ -228,9 +303,11 @@ async def list_subscribers(
     status: SubscriberStatus | None = None,
     q: Annotated[str | None, Query(max_length=320)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> dict[str, Any]:
     ctx = get_ctx(request)
+    if q and has_control(q):  # PostgreSQL cannot even compare text with a NUL in it
+        raise ApiError(422, "query.q: must not contain control characters")
     query = select(Subscriber)
     count = select(func.count()).select_from(Subscriber)
     if status is not None:
@@ -246,8 +323,10 @@ async def list_subscribers(
     return {"total": total, "limit": limit, "offset": offset, "items": items}
 
 
-@router.get("/subscribers/{subscriber_id}")
-async def get_subscriber(request: Request, subscriber_id: int, _: EditorDep) -> dict[str, Any]:
+@router.get("/subscribers/{subscriber_id}", responses=NOT_FOUND)
+async def get_subscriber(
+    request: Request, subscriber_id: SubscriberId, _: EditorDep
+) -> dict[str, Any]:
     ctx = get_ctx(request)
     async with ctx.runtime.sessions() as session:
         sub = await session.get(Subscriber, subscriber_id)
@@ -265,9 +344,9 @@ async def get_subscriber(request: Request, subscriber_id: int, _: EditorDep) -> 
     return out
 
 
-@router.get("/subscribers/{subscriber_id}/export")
+@router.get("/subscribers/{subscriber_id}/export", responses=NOT_FOUND)
 async def export_subscriber_data(
-    request: Request, subscriber_id: int, _: EditorDep
+    request: Request, subscriber_id: SubscriberId, _: EditorDep
 ) -> dict[str, Any]:
     """Everything held on one person, for a data-subject access request."""
     from mailer.privacy import export_subscriber
@@ -279,8 +358,10 @@ async def export_subscriber_data(
     return data
 
 
-@router.delete("/subscribers/{subscriber_id}", status_code=204)
-async def erase_subscriber_data(request: Request, subscriber_id: int, editor: EditorDep) -> None:
+@router.delete("/subscribers/{subscriber_id}", status_code=204, responses=NOT_FOUND)
+async def erase_subscriber_data(
+    request: Request, subscriber_id: SubscriberId, editor: EditorDep
+) -> None:
     """Erase (GDPR): personal data gone, the address hashed onto the suppression list."""
     import logging
 

@@ -6,34 +6,29 @@ nothing global leaks between configurations.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mailer.config import Env, Settings
 from mailer.render import Renderer
 from mailer.runtime import Runtime
 from mailer.web import admin, api, ops, public
 from mailer.web.context import AppContext
+from mailer.web.guards import BodyLimit, SecurityHeaders, security_headers
 from mailer.worker import Queue
 
 STATIC = Path(__file__).resolve().parent / "static"
-
-SECURITY_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "frame-ancestors 'none'; form-action 'self'; base-uri 'none'; object-src 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-}
+# FastAPI's words for a body it could not decode (not UTF-8, nested too deep).
+_UNPARSABLE = "There was an error parsing the body"
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -52,31 +47,31 @@ def create_app(settings: Settings) -> FastAPI:
             await queue.close()
             await runtime.close()
 
-    app = FastAPI(title="mailer", version="0.1.0", lifespan=lifespan)
+    # No /docs or /redoc: those pages need inline and third-party scripts, which the CSP
+    # forbids. The OpenAPI document itself stays at /openapi.json.
+    app = FastAPI(title="mailer", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
-
-    @app.middleware("http")
-    async def security_headers(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            return JSONResponse(
-                {"detail": f"request body larger than {settings.max_body_bytes} bytes"},
-                status_code=413,
-            )
-        response = await call_next(request)
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        return response
+    # Added last runs first: headers go on every answer, the 413 included.
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(SecurityHeaders, headers=security_headers(settings.base_url))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+            problems.append(f"{where}: {msg}" if where else msg)
         return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and exc.detail == _UNPARSABLE:
+            return JSONResponse(
+                {"detail": "body: is not valid JSON (it must be UTF-8 text, not nested too deep)"},
+                422,
+            )
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(api.ApiError)
     async def api_error(request: Request, exc: api.ApiError) -> JSONResponse:

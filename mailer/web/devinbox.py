@@ -6,6 +6,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
 
 from mailer.devsmtp import get_message, list_messages
+from mailer.web.api import problem
 from mailer.web.context import get_ctx
 
 router = APIRouter(prefix="/dev")
@@ -18,7 +19,9 @@ async def inbox(request: Request) -> HTMLResponse:
     return ctx.templates.TemplateResponse(request, "dev_inbox.html", {"messages": messages})
 
 
-@router.get("/inbox/{message_id}", response_class=HTMLResponse)
+@router.get(
+    "/inbox/{message_id}", response_class=HTMLResponse, responses={404: problem("no such message")}
+)
 async def message(request: Request, message_id: str) -> HTMLResponse:
     ctx = get_ctx(request)
     found = get_message(ctx.runtime.settings.dev_inbox_dir, message_id)
@@ -31,7 +34,7 @@ async def message(request: Request, message_id: str) -> HTMLResponse:
     )
 
 
-@router.get("/inbox/{message_id}/html")
+@router.get("/inbox/{message_id}/html", responses={404: problem("no such message or no HTML")})
 async def message_html(request: Request, message_id: str) -> Response:
     """The HTML part alone, shown in a sandboxed frame: mail HTML is never trusted."""
     ctx = get_ctx(request)

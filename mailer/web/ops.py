@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
 from mailer.metrics import Exporter, queue_overview
-from mailer.web.api import EditorDep
+from mailer.web.api import EDITOR_ERRORS, EditorDep
 from mailer.web.context import get_ctx
 
 router = APIRouter()
@@ -37,7 +37,7 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/api/queue")
+@router.get("/api/queue", responses=EDITOR_ERRORS)
 async def api_queue(request: Request, _: EditorDep) -> dict[str, Any]:
     ctx = get_ctx(request)
     return await queue_overview(ctx.runtime, ctx.queue)
@@ -48,7 +48,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "Redis or SQL is unreachable"}})
 async def readyz(request: Request) -> JSONResponse:
     ctx = get_ctx(request)
     checks: dict[str, str] = {}

@@ -17,9 +17,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from mailer import subscriptions
 from mailer.models import Subscriber
-from mailer.subscriptions import InvalidInput, Origin
+from mailer.subscriptions import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH, InvalidInput, Origin
 from mailer.tokens import TokenError
-from mailer.web.context import AppContext, client_ip, get_ctx, wants_json
+from mailer.web.context import AppContext, client_ip, get_ctx, rate_limit_key, wants_json
 
 router = APIRouter()
 
@@ -27,6 +27,62 @@ ACCEPTED = {
     "status": "accepted",
     "message": "Thank you. If this address can receive mail, a confirmation link is on its way. "
     "Your subscription starts when you click it.",
+}
+
+
+# The sign-up body is read by hand (JSON or a form, one handler for both), so the
+# OpenAPI document describes it here for clients and for the schema fuzzer.
+_SIGNUP = {
+    "type": "object",
+    "properties": {
+        "email": {"type": "string", "format": "email", "maxLength": MAX_EMAIL_LENGTH},
+        "name": {"type": ["string", "null"], "maxLength": MAX_NAME_LENGTH},
+        "website": {"description": "a honeypot: leave it out (people never see it)"},
+    },
+    "required": ["email"],
+}
+_PROBLEM = {
+    "type": "object",
+    "properties": {"detail": {"type": "string"}, "field": {"type": "string"}},
+    "required": ["detail"],
+}
+_HTML_OR_PROBLEM = {"text/html": {}, "application/json": {"schema": _PROBLEM}}
+SIGNUP_DOC: dict[str, Any] = {
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": _SIGNUP},
+                "application/x-www-form-urlencoded": {"schema": _SIGNUP},
+            },
+        }
+    },
+    "responses": {
+        202: {
+            "description": "the same answer for every valid address (no enumeration)",
+            "content": {
+                "text/html": {},
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "status": {"const": "accepted"},
+                            "message": {"type": "string"},
+                        },
+                        "required": ["status", "message"],
+                    }
+                },
+            },
+        },
+        413: {"description": "body too large", "content": _HTML_OR_PROBLEM},
+        422: {"description": "the address or name is invalid", "content": _HTML_OR_PROBLEM},
+        429: {"description": "too many sign-ups from this network", "content": _HTML_OR_PROBLEM},
+    },
+}
+LINK_DOC: dict[str, Any] = {
+    "responses": {
+        400: {"description": "invalid, tampered or expired link", "content": _HTML_OR_PROBLEM}
+    }
 }
 
 
@@ -45,7 +101,7 @@ def _page(
 
 def _origin(ctx: AppContext, request: Request, source: str) -> Origin:
     return Origin(
-        ip=client_ip(request, ctx.runtime.settings.trusted_proxies),
+        ip=client_ip(request, ctx.runtime.settings.trusted_networks),
         user_agent=request.headers.get("user-agent"),
         source=source,
     )
@@ -60,7 +116,7 @@ async def _read_form(request: Request) -> dict[str, Any]:
     if request.headers.get("content-type", "").startswith("application/json"):
         try:
             data = json.loads(await request.body() or b"null")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
             raise InvalidInput("body", "is not valid JSON") from None
         if not isinstance(data, dict):
             raise InvalidInput("body", 'must be a JSON object like {"email": "…"}')
@@ -73,7 +129,7 @@ async def _over_ip_limit(ctx: AppContext, ip: str) -> int:
     """Fixed one-minute windows per client IP; returns seconds to wait, 0 when allowed."""
     now = time.time()
     window = int(now // 60)
-    key = ctx.runtime.keys.subscribe_ip(ip, window)
+    key = ctx.runtime.keys.subscribe_ip(rate_limit_key(ip), window)
     async with ctx.runtime.redis.pipeline(transaction=True) as pipe:
         pipe.incr(key)
         pipe.expire(key, 120)
@@ -83,7 +139,7 @@ async def _over_ip_limit(ctx: AppContext, ip: str) -> int:
     return 0
 
 
-@router.post("/subscribe", status_code=202)
+@router.post("/subscribe", status_code=202, **SIGNUP_DOC)
 async def subscribe(request: Request) -> Response:
     ctx = get_ctx(request)
     settings = ctx.runtime.settings
@@ -143,7 +199,7 @@ async def _known(ctx: AppContext, subscriber_id: int, what: str) -> None:
             raise TokenError(f"This {what} link is not valid.")
 
 
-@router.get("/confirm/{token}", response_class=HTMLResponse)
+@router.get("/confirm/{token}", response_class=HTMLResponse, **LINK_DOC)
 async def confirm_page(request: Request, token: str) -> Response:
     ctx = get_ctx(request)
     try:
@@ -154,7 +210,7 @@ async def confirm_page(request: Request, token: str) -> Response:
     return _page(ctx, request, "confirm.html", token=token)
 
 
-@router.post("/confirm/{token}")
+@router.post("/confirm/{token}", **LINK_DOC)
 async def confirm(request: Request, token: str) -> Response:
     ctx = get_ctx(request)
     try:
@@ -168,7 +224,7 @@ async def confirm(request: Request, token: str) -> Response:
     return _page(ctx, request, "confirmed.html")
 
 
-@router.get("/unsubscribe/{token}", response_class=HTMLResponse)
+@router.get("/unsubscribe/{token}", response_class=HTMLResponse, **LINK_DOC)
 async def unsubscribe_page(request: Request, token: str) -> Response:
     ctx = get_ctx(request)
     try:
@@ -178,7 +234,7 @@ async def unsubscribe_page(request: Request, token: str) -> Response:
     return _page(ctx, request, "unsubscribe.html", token=token)
 
 
-@router.post("/unsubscribe/{token}")
+@router.post("/unsubscribe/{token}", **LINK_DOC)
 async def unsubscribe(request: Request, token: str) -> Response:
     """Both the page's button and RFC 8058 one-click land here; the body is not needed."""
     ctx = get_ctx(request)

@@ -1,0 +1,163 @@
+"""Pure ASGI middleware that every request passes: the body-size limit and security headers.
+
+Pure ASGI rather than ``@app.middleware("http")`` because the limit must count the
+bytes as they arrive: a chunked request has no Content-Length to check up front.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from urllib.parse import urlsplit
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+def csp(*, frame_ancestors: str = "'none'") -> str:
+    """The pages' policy: scripts and styles from our own files only, never inline."""
+    return (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        f"frame-ancestors {frame_ancestors}; form-action 'self'; base-uri 'none'; "
+        "object-src 'none'"
+    )
+
+
+def security_headers(base_url: str) -> dict[str, str]:
+    headers = {
+        "Content-Security-Policy": csp(),
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",  # our URLs carry tokens
+        "X-Frame-Options": "DENY",
+        "Cross-Origin-Opener-Policy": "same-origin",
+    }
+    if urlsplit(base_url).scheme == "https":
+        headers["Strict-Transport-Security"] = "max-age=31536000"
+    return headers
+
+
+class SecurityHeaders:
+    """Adds the headers to every response that does not set its own (sandboxed previews)."""
+
+    def __init__(self, app: ASGIApp, headers: dict[str, str]) -> None:
+        self.app = app
+        self.headers = headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in self.headers.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+DRAIN_FACTOR = 8  # after a 413, read on for at most this many times the limit...
+DRAIN_SECONDS = 2.0  # ...or this long, whichever comes first
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` once the body passes the limit, so the app stops reading."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body larger than {limit} bytes")
+
+
+class BodyLimit:
+    """Answers 413 to a request body over ``limit`` bytes, declared or not.
+
+    A Content-Length over the limit is refused before anything is read. Otherwise
+    the bytes are counted as the app receives them; past the limit ``receive``
+    raises, and whatever the app makes of that, the client gets the 413 and the
+    app's own answer is dropped. Nothing the app does after a failed read (it
+    cannot have the whole body) can reach SQL first: handlers read before writing.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def _refuse(self, send: Send) -> None:
+        body = json.dumps({"detail": f"request body larger than {self.limit} bytes"}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await self._refuse(send)
+            return
+
+        received = 0
+        over = False
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, over
+            if over:
+                raise BodyTooLarge(self.limit)
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    over = True
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if over and not started:
+                return  # the app's answer to a body it could not read: the 413 replaces it
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not over or started:
+                raise
+        if over and not started:
+            await self._refuse(send)
+            await self._drain(receive)
+
+    async def _drain(self, receive: Receive) -> None:
+        """Read (and drop) a bounded part of the rest of the upload before we return.
+
+        The server closes the connection after a 413 with the upload unread; the kernel
+        then resets it, and a client still sending can lose the 413 it has not read yet.
+        Reading on for a moment lets the answer get there first.
+        """
+        budget = DRAIN_FACTOR * self.limit
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_SECONDS
+        while budget > 0 and loop.time() < deadline:
+            try:
+                message = await asyncio.wait_for(receive(), deadline - loop.time())
+            except TimeoutError:
+                return
+            if message["type"] != "http.request":
+                return
+            budget -= len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
