@@ -32,9 +32,12 @@ def is_sqlite(url: str) -> bool:
 
 def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
     if not is_sqlite(url):
-        kwargs.setdefault("pool_size", 10)
+        # A worker keeps ~40 sessions in flight (batch jobs × lanes); a smaller pool opened
+        # and closed overflow connections all through a blast. No pre-ping: it doubled the
+        # transactions per message (docs/benchmarks.md); recycling covers stale connections.
+        kwargs.setdefault("pool_size", 40)
         kwargs.setdefault("max_overflow", 10)
-        kwargs.setdefault("pool_pre_ping", True)
+        kwargs.setdefault("pool_recycle", 1800)
         return create_async_engine(url, **kwargs)
 
     engine = create_async_engine(url, connect_args={"timeout": 30}, **kwargs)

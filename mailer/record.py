@@ -58,10 +58,13 @@ class Recorder:
         self.stats = SendStats()  # SMTP latency and throttle waits, written with each flush
         self._lock = asyncio.Lock()
 
+    def _due(self) -> bool:
+        return len(self.buffer) >= FLUSH_EVERY or time.monotonic() - self.last_flush > FLUSH_SECONDS
+
     async def add(self, outcome: Outcome) -> None:
         self.buffer.append(outcome)
-        if len(self.buffer) >= FLUSH_EVERY or time.monotonic() - self.last_flush > FLUSH_SECONDS:
-            await self.flush()
+        if self._due():
+            await self.flush(only_if_due=True)
 
     async def release(
         self, delivery_ids: list[int], status: DeliveryStatus = DeliveryStatus.pending
@@ -76,8 +79,12 @@ class Recorder:
             )
             await session.commit()
 
-    async def flush(self) -> None:
+    async def flush(self, *, only_if_due: bool = False) -> None:
         async with self._lock:
+            # Lanes that queued behind a flush find the buffer already written: without
+            # this check each would write the few outcomes added meanwhile (a convoy).
+            if only_if_due and not self._due():
+                return
             batch, self.buffer = self.buffer, []
             self.last_flush = time.monotonic()
             if batch:
