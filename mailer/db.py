@@ -32,10 +32,11 @@ def is_sqlite(url: str) -> bool:
 
 def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
     if not is_sqlite(url):
-        # A worker keeps ~40 sessions in flight (batch jobs × lanes); a smaller pool opened
-        # and closed overflow connections all through a blast. No pre-ping: it doubled the
+        # A worker has many sessions in flight (batch jobs × lanes); a small pool opened
+        # and closed overflow connections all through a blast (30 at most per process keeps
+        # a few processes within PostgreSQL's default 100). No pre-ping: it doubled the
         # transactions per message (docs/benchmarks.md); recycling covers stale connections.
-        kwargs.setdefault("pool_size", 40)
+        kwargs.setdefault("pool_size", 20)
         kwargs.setdefault("max_overflow", 10)
         kwargs.setdefault("pool_recycle", 1800)
         return create_async_engine(url, **kwargs)
