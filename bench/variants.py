@@ -1,0 +1,398 @@
+"""Run ``mailer`` with experimental changes patched in, to measure proposals before anyone
+edits mailer/ (``python bench/harness.py --explore base,pipelining …``).
+
+    python bench/variants.py VARIANT[+VARIANT…] worker|serve [ARGS…]
+
+Nothing here is used by the figures themselves; each variant answers one question of the
+form "how much would this change buy?" and is reported beside the plain code in the same
+run. Variants that no longer apply to the current code say so and exit 3.
+
+- ``base``: mailer as it is.
+- ``pipelining``: SmtpPool.send on a minimal SMTP client that writes MAIL, RCPT and DATA
+  in one go (RFC 2920 PIPELINING), then the message, and checks the replies.
+- ``nopreping``: SQLAlchemy engines without ``pool_pre_ping`` (one round trip less per
+  session checkout).
+- ``bigpool``: engine pool_size 40 (a web process with more concurrent requests than
+  pool_size + max_overflow opens and closes connections all the time).
+- ``norecheck``: the per-group "still subscribed?" query answered from the chunk's bulk
+  read (measures what the re-check costs; not a proposal to drop invariant 3).
+- ``flush100``: the recorder writes outcomes every 100 messages instead of 20.
+- ``chunk500``: claim 500 rows at a time instead of 200.
+- ``fasttoken``: the per-message unsubscribe URL and Message-ID from a precomputed HMAC
+  key (measures the itsdangerous cost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from typing import Any
+
+PATCHES: dict[str, Callable[[], None]] = {}
+
+
+def patch(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
+    def deco(fn: Callable[[], None]) -> Callable[[], None]:
+        PATCHES[name] = fn
+        return fn
+
+    return deco
+
+
+@patch("base")
+def _base() -> None:
+    pass
+
+
+# pipelining ----------------------------------------------------------------------
+
+
+class PipelinedClient:
+    """Just enough SMTP for a benchmark: EHLO, then MAIL+RCPT+DATA in one write."""
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    @property
+    def is_connected(self) -> bool:
+        return self.writer is not None and not self.writer.is_closing()
+
+    async def _reply(self) -> tuple[int, str]:
+        assert self.reader is not None
+        lines = []
+        while True:
+            line = await self.reader.readline()
+            if not line:
+                raise ConnectionError("server closed the connection")
+            lines.append(line[4:].decode(errors="replace").strip())
+            if line[3:4] != b"-":
+                return int(line[:3]), "\n".join(lines)
+
+    async def connect(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        await self._reply()
+        self.writer.write(b"EHLO mailer-bench\r\n")
+        code, text = await self._reply()
+        if code != 250 or "PIPELINING" not in text.upper():
+            raise ConnectionError("server does not offer PIPELINING")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.writer = None
+
+    async def send(self, sender: str, recipient: str, data: bytes) -> None:
+        from mailer.smtp import error_for
+
+        assert self.writer is not None
+        if data.startswith(b".") or b"\n." in data:
+            data = data.replace(b"\r\n.", b"\r\n..")
+            if data.startswith(b"."):
+                data = b"." + data
+        if not data.endswith(b"\r\n"):
+            data += b"\r\n"
+        self.writer.write(
+            b"MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n" % (sender.encode(), recipient.encode())
+        )
+        replies = [await self._reply() for _ in range(3)]
+        (mail, mail_text), (rcpt, rcpt_text), (go, go_text) = replies
+        if go == 354:
+            if mail >= 400 or rcpt >= 400:
+                self.writer.write(b".\r\n")  # an empty message the server will refuse anyway
+                await self._reply()
+            else:
+                self.writer.write(data + b".\r\n")
+                done, done_text = await self._reply()
+                if done >= 400:
+                    raise error_for(done, done_text, recipient)
+                return
+        for code, text in replies:
+            if code >= 400:
+                self.writer.write(b"RSET\r\n")
+                await self._reply()
+                raise error_for(code, text, recipient)
+
+
+@patch("pipelining")
+def _pipelining() -> None:
+    from mailer import smtp
+
+    def _new_client(self: Any) -> PipelinedClient:
+        s = self._settings
+        return PipelinedClient(s.smtp_host, s.smtp_port, s.smtp_timeout_s)
+
+    async def send(self: Any, sender: str, recipient: str, data: bytes) -> None:
+        if self._dkim is not None:
+            data = self._dkim.sign(data)
+        client = await self._idle.get()
+        try:
+            if not client.is_connected:
+                await client.connect()
+                self.stats.connections_opened += 1
+            self.stats.transactions += 1
+            timeout = self._settings.smtp_timeout_s
+            await asyncio.wait_for(client.send(sender, recipient, data), timeout)
+        except smtp.SendError:
+            raise
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            client.close()
+            raise smtp.TransientSendError(None, f"connection lost: {exc}", recipient) from exc
+        finally:
+            self._idle.put_nowait(client)
+
+    async def close(self: Any) -> None:
+        while not self._idle.empty():
+            self._idle.get_nowait().close()
+
+    smtp.SmtpPool._new_client = _new_client
+    smtp.SmtpPool.send = send
+    smtp.SmtpPool.close = close
+
+
+# SQL pool ---------------------------------------------------------------------------
+
+
+def _engine_kwargs(**forced: Any) -> None:
+    from mailer import db, runtime
+
+    original = db.make_engine
+
+    def make_engine(url: str, **kwargs: Any) -> Any:
+        if not db.is_sqlite(url):
+            kwargs.update(forced)
+        return original(url, **kwargs)
+
+    db.make_engine = make_engine
+    runtime.make_engine = make_engine  # type: ignore[attr-defined]
+
+
+@patch("nopreping")
+def _nopreping() -> None:
+    _engine_kwargs(pool_pre_ping=False)
+
+
+@patch("bigpool")
+def _bigpool() -> None:
+    _engine_kwargs(pool_size=40, max_overflow=10)
+
+
+# delivery knobs -----------------------------------------------------------------------
+
+
+@patch("norecheck")
+def _norecheck() -> None:
+    from mailer import delivery
+
+    original = delivery.Sender._still_subscribed
+    cache: dict[int, str] = {}
+
+    async def still(self: Any, ids: list[int]) -> dict[int, str]:
+        if len(ids) > 16:  # the chunk's bulk read: real, and remembered
+            found = await original(self, ids)
+            cache.update(found)
+            return found
+        return {i: cache[i] for i in ids if i in cache}
+
+    delivery.Sender._still_subscribed = still
+
+
+@patch("flush100")
+def _flush100() -> None:
+    from mailer import record
+
+    record.FLUSH_EVERY = 100
+
+
+@patch("chunk500")
+def _chunk500() -> None:
+    from mailer import delivery
+
+    delivery.CHUNK_UNLIMITED = 500
+
+
+@patch("fasttoken")
+def _fasttoken() -> None:
+    import base64
+    import hashlib
+    import hmac
+
+    from mailer import runtime
+
+    def unsubscribe_url(self: Any, subscriber_id: int) -> str:
+        key = self.settings.signing_keys[-1].encode()
+        body = base64.urlsafe_b64encode(str(subscriber_id).encode()).rstrip(b"=")
+        sig = hmac.new(key, body, hashlib.sha1).digest()
+        token = (body + b"." + base64.urlsafe_b64encode(sig).rstrip(b"=")).decode()
+        return f"{self.settings.base_url}/unsubscribe/{token}"
+
+    runtime.Runtime.unsubscribe_url = unsubscribe_url
+
+
+@patch("noconvoy")
+def _noconvoy() -> None:
+    """Recorder.add: a lane that waited for the lock while another flushed does not flush
+    again unless the buffer is still due (today every waiter writes whatever is there)."""
+    import time
+
+    from mailer import record
+
+    async def add(self: Any, outcome: Any) -> None:
+        self.buffer.append(outcome)
+        if self._due():
+            async with self._lock:
+                if not self._due():  # flushed by someone else while we waited
+                    return
+                batch, self.buffer = self.buffer, []
+                self.last_flush = time.monotonic()
+                await self._write(batch)
+
+    def due(self: Any) -> bool:
+        return (
+            len(self.buffer) >= record.FLUSH_EVERY
+            or time.monotonic() - self.last_flush > record.FLUSH_SECONDS
+        )
+
+    record.Recorder._due = due
+    record.Recorder.add = add
+
+
+@patch("corerecheck")
+def _corerecheck() -> None:
+    """The "still subscribed?" read as one cached Core statement with ``id = ANY(:ids)``
+    on a plain connection, instead of an ORM session with an IN list compiled per call."""
+    from sqlalchemy import text
+
+    from mailer import delivery
+
+    original = delivery.Sender._still_subscribed
+    query = text("SELECT id, email FROM subscribers WHERE id = ANY(:ids) AND status = 'confirmed'")
+
+    async def still(self: Any, ids: list[int]) -> dict[int, str]:
+        if self.runtime.engine.dialect.name != "postgresql":
+            return await original(self, ids)
+        async with self.runtime.engine.connect() as conn:
+            rows = await conn.execute(query, {"ids": ids})
+            return {r[0]: r[1] for r in rows}
+
+    delivery.Sender._still_subscribed = still
+
+
+def _max_jobs(n: int) -> None:
+    from mailer import worker
+
+    original = worker.worker_settings
+
+    def worker_settings(settings: Any, **overrides: Any) -> dict[str, Any]:
+        return original(settings, **({"max_jobs": n} | overrides))
+
+    worker.worker_settings = worker_settings
+
+
+@patch("jobs3")
+def _jobs3() -> None:
+    """At most 3 arq jobs at once per worker (10 today: 10 batches × 10 lanes contend for
+    10 SMTP connections and 20 SQL connections)."""
+    _max_jobs(3)
+
+
+@patch("fastsubscribe")
+def _fastsubscribe() -> None:
+    """A new address signs up in one SQL statement (subscriber + event, one CTE) instead of
+    the ORM's SELECT, INSERT (flush), INSERT, UPDATE; known addresses still take the full
+    state machine. PostgreSQL only; measures what the ORM unit of work costs per request."""
+    from sqlalchemy import text
+
+    from mailer import subscriptions
+    from mailer.db import utcnow
+
+    original = subscriptions.subscribe
+    insert_new = text(
+        "WITH s AS (INSERT INTO subscribers (email, name, status, created_at, updated_at,"
+        " confirm_sent_at) VALUES (:email, :name, 'pending', :now, :now, :now)"
+        " ON CONFLICT (email) DO NOTHING RETURNING id),"
+        " e AS (INSERT INTO subscriber_events (subscriber_id, kind, at, ip, user_agent)"
+        " SELECT id, 'signup', :now, :ip, :ua FROM s)"
+        " SELECT id FROM s"
+    )
+
+    async def subscribe(
+        session: Any, email: str, name: str | None, origin: Any, *, resend_after_s: int
+    ) -> int | None:
+        if session.get_bind().dialect.name != "postgresql":
+            return await original(session, email, name, origin, resend_after_s=resend_after_s)
+        params = {
+            "email": email,
+            "name": name,
+            "now": utcnow(),
+            "ip": origin.ip,
+            "ua": (origin.user_agent or "")[:512] or None,
+        }
+        new_id = (await session.execute(insert_new, params)).scalar()
+        await session.commit()
+        if new_id is None:  # a known address: the whole state machine
+            return await original(session, email, name, origin, resend_after_s=resend_after_s)
+        return int(new_id)
+
+    subscriptions.subscribe = subscribe
+
+
+@patch("httptools")
+def _httptools() -> None:
+    """uvicorn with httptools (C HTTP parser; what uvicorn[standard] brings) instead of
+    h11. Needs ``pip install --target bench/out/extra httptools`` first, so the shared
+    virtualenv stays as the project declares it."""
+    from pathlib import Path
+
+    extra = Path(__file__).resolve().parent / "out" / "extra"
+    sys.path.insert(0, str(extra))
+    import httptools  # noqa: F401 - fails loudly when it is not there
+
+
+@patch("count")
+def _count() -> None:
+    """Count recorder writes (and their sizes), re-check queries and session checkouts;
+    printed to the worker's log when it exits."""
+    import atexit
+    from collections import Counter
+
+    from mailer import delivery, record
+
+    counts: Counter[str] = Counter()
+    write = record.Recorder._write
+    still = delivery.Sender._still_subscribed
+
+    async def counted_write(self: Any, batch: list[Any]) -> None:
+        counts["recorder writes"] += 1
+        counts["outcomes written"] += len(batch)
+        await write(self, batch)
+
+    async def counted_still(self: Any, ids: list[int]) -> dict[int, str]:
+        counts["still-subscribed queries"] += 1
+        return await still(self, ids)
+
+    record.Recorder._write = counted_write
+    delivery.Sender._still_subscribed = counted_still
+    atexit.register(lambda: print(f"bench counts: {dict(counts)}", file=sys.stderr, flush=True))
+
+
+def apply(names: str) -> None:
+    for name in names.split("+"):
+        if name not in PATCHES:
+            print(f"unknown variant {name!r}; known: {', '.join(PATCHES)}", file=sys.stderr)
+            sys.exit(2)
+        try:
+            PATCHES[name]()
+        except (AttributeError, ImportError) as exc:
+            print(f"variant {name} no longer applies: {exc!r}", file=sys.stderr)
+            sys.exit(3)
+
+
+if __name__ == "__main__":
+    apply(sys.argv[1])
+    sys.argv = ["mailer", *sys.argv[2:]]
+    from mailer.cli import main
+
+    main()
