@@ -538,7 +538,10 @@ async def profile_worker(run: Run, sink: Sink, settings: dict[str, Any], stateme
             await asyncio.sleep(run.sizes.profile_seconds)
             rate = (sink.messages() - before) / (time.perf_counter() - t0)
             prof = rec.stop()
-            await blasts.cancel(blaster.runtime, blast_id)
+            try:
+                await blasts.cancel(blaster.runtime, blast_id)
+            except blasts.BlastError:
+                pass  # it finished while being profiled: nothing left to stop
     if prof is None:
         run.say("py-spy wrote no profile")
         return
@@ -683,7 +686,7 @@ async def blast_starts(run: Run, url: str, sink: Sink, label: str) -> list[dict[
             await blasts.start_due(blaster.runtime, blaster.queue, blast_id)
             total_s = time.perf_counter() - t0
             _, total, _, started, _, _ = await blaster.state(blast_id)
-            jobs = int(await blaster.queue.pool.zcard(queue)) - 0
+            jobs = int(await blaster.queue.pool.zcard(queue))
         snapshot_s = (_dt(started) - t_wall).total_seconds()
         if int(total) != sizes.p5_subscribers:
             raise RuntimeError(f"snapshot holds {total} rows, expected {sizes.p5_subscribers}")
