@@ -11,12 +11,16 @@ run. Variants that no longer apply to the current code say so and exit 3.
 - ``pipelining``: SmtpPool.send on a minimal SMTP client that writes MAIL, RCPT and DATA
   in one go (RFC 2920 PIPELINING), then the message, and checks the replies.
 - ``nopreping``: SQLAlchemy engines without ``pool_pre_ping`` (one round trip less per
-  session checkout).
+  session checkout; mailer has done without it since 22cd062).
 - ``bigpool``: engine pool_size 40 (a web process with more concurrent requests than
   pool_size + max_overflow opens and closes connections all the time).
 - ``norecheck``: the per-group "still subscribed?" query answered from the chunk's bulk
   read (measures what the re-check costs; not a proposal to drop invariant 3).
 - ``flush100``: the recorder writes outcomes every 100 messages instead of 20.
+- ``noconvoy``: a lane that waited for the recorder's lock flushes only if still due
+  (in mailer since 22cd062).
+- ``corerecheck``: the re-check as one cached Core statement (``id = ANY(:ids)``).
+- ``jobs3``, ``fastsubscribe``, ``httptools``, ``count``: see their docstrings.
 - ``chunk500``: claim 500 rows at a time instead of 200.
 - ``fasttoken``: the per-message unsubscribe URL and Message-ID from a precomputed HMAC
   key (measures the itsdangerous cost).
