@@ -237,8 +237,9 @@ def worker_settings(settings: Settings, **overrides: Any) -> dict[str, Any]:
             max_tries=12,
             timeout=60,
         ),
-        # A batch job's timeout bounds how long its recipients stay "in flight" after a
-        # crash (arq re-runs it only once its in-progress key expires: timeout + 10 s).
+        # After a crash the rows of a batch come back through their lease (DELIVERY_LEASE_S)
+        # and the reconciler, not through arq, which would re-run the job only once its
+        # in-progress key expired (timeout + 10 s); a re-run finds nothing left to claim.
         func(
             counted("send_batch", 120, send_batch),
             name="send_batch",

@@ -152,3 +152,17 @@ def settings_env(settings: Settings) -> dict[str, str]:
             value = value.value
         env[f"MAILER_{name.upper()}"] = str(value)
     return env
+
+
+async def within_one_limiter_window(seconds_needed: float = 20.0) -> None:
+    """Start early enough in a clock minute for the requests to share one window.
+
+    The per-IP sign-up limit counts in fixed one-minute windows (by design: one Redis
+    INCR per request), so a test that counts 429s must not straddle a minute boundary.
+    """
+    import asyncio
+    import time
+
+    into = time.time() % 60
+    if into > 60 - seconds_needed:
+        await asyncio.sleep(60 - into + 0.05)
