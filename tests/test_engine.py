@@ -73,7 +73,10 @@ def test_reply_classification(code: int | None, message: str, verdict: Verdict) 
     assert classify(code, message) is verdict
 
 
-@pytest.mark.parametrize("settings_overrides", [{"rate_per_second": 50.0, "rate_burst": 5}])
+# batch_size 10: 50 jobs, more than one worker takes at once (max_jobs 10), so both send.
+@pytest.mark.parametrize(
+    "settings_overrides", [{"rate_per_second": 50.0, "rate_burst": 5, "batch_size": 10}]
+)
 async def test_rate_ceiling_across_two_worker_processes(
     app_client: httpx.AsyncClient, smtp: SmtpServer, settings: Settings, tmp_path: Path
 ) -> None:
