@@ -17,16 +17,18 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 
+# uv installs exactly the versions in uv.lock (the same ones `make test` tested).
+COPY uv.lock ./
+RUN pip install "uv==$(sed -n '/^name = "uv"$/{n;s/version = "\(.*\)"/\1/p}' uv.lock)"
+ENV UV_PROJECT_ENVIRONMENT=/opt/venv UV_COMPILE_BYTECODE=0 UV_LINK_MODE=copy
+
 # Dependencies first, in their own layer: a code change does not reinstall them.
 COPY pyproject.toml README.md ./
-RUN mkdir mailer && touch mailer/__init__.py \
-    && pip install . \
-    && pip uninstall --yes mailer \
-    && rm -rf mailer build mailer.egg-info
+RUN uv sync --frozen --no-dev --no-install-project
 
 # Then the package itself (non-editable: the venv is all the final stage gets).
 COPY mailer ./mailer
-RUN pip install --no-deps . \
+RUN uv sync --frozen --no-dev --no-editable \
     && python -c "import mailer.config, mailer.migrate"
 
 
@@ -34,7 +36,8 @@ FROM python:3.11-slim AS runtime
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    MAILER_TEMPLATES_DIR=/app/templates
+    MAILER_TEMPLATES_DIR=/app/templates \
+    MAILER_ENV=production
 
 RUN groupadd --system --gid 10001 mailer \
     && useradd --system --uid 10001 --gid mailer --home-dir /app --no-create-home \

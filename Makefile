@@ -3,16 +3,25 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTHON ?= python3
+# uv installs exactly what uv.lock says; it is bootstrapped with pip at the version the lock
+# itself pins (and kept in the venv as a dev dependency, so `uv sync` never removes it).
+UV_VERSION := $(shell sed -n '/^name = "uv"$$/{n;s/version = "\(.*\)"/\1/p}' uv.lock)
+UV     := UV_PROJECT_ENVIRONMENT=$(VENV) $(BIN)/uv
+EXTRAS ?= --extra dev
 
-.PHONY: dev test lint format typecheck install services browser bench clean
+.PHONY: dev test lint format typecheck install lock services browser bench clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+$(STAMP): pyproject.toml uv.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "uv==$(UV_VERSION)"
+	$(UV) sync --frozen -q $(EXTRAS)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## Re-resolve uv.lock from pyproject.toml's lower bounds (newest versions that fit).
+lock: $(STAMP)
+	$(UV) lock --upgrade
 
 services:
 	@bash scripts/ensure-services.sh
@@ -43,6 +52,7 @@ typecheck: install
 
 ## Benchmarks: writes docs/benchmarks.md
 bench: install services
+	$(UV) sync --frozen -q --extra dev --extra bench
 	@bash bench/run.sh
 
 clean:
