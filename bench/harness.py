@@ -280,7 +280,7 @@ class Blaster:
         self.polls = 0  # our own SQL transactions, to leave out of per-message counts
 
     async def __aenter__(self) -> Blaster:
-        from mailer.worker import Queue
+        from mailer.queue import Queue
 
         self.queue = await Queue.connect(self.settings)
         return self

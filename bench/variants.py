@@ -188,7 +188,7 @@ def _bigpool() -> None:
 
 @patch("norecheck")
 def _norecheck() -> None:
-    from mailer import delivery
+    from mailer.delivery import sender as delivery
 
     original = delivery.Sender._still_subscribed
     cache: dict[int, str] = {}
@@ -212,7 +212,7 @@ def _flush100() -> None:
 
 @patch("chunk500")
 def _chunk500() -> None:
-    from mailer import delivery
+    from mailer.delivery import sender as delivery
 
     delivery.CHUNK_UNLIMITED = 500
 
@@ -269,7 +269,7 @@ def _corerecheck() -> None:
     on a plain connection, instead of an ORM session with an IN list compiled per call."""
     from sqlalchemy import text
 
-    from mailer import delivery
+    from mailer.delivery import sender as delivery
 
     original = delivery.Sender._still_subscribed
     query = text("SELECT id, email FROM subscribers WHERE id = ANY(:ids) AND status = 'confirmed'")
@@ -362,7 +362,8 @@ def _count() -> None:
     import atexit
     from collections import Counter
 
-    from mailer import delivery, record
+    from mailer import record
+    from mailer.delivery import sender as delivery
 
     counts: Counter[str] = Counter()
     write = record.Recorder._write

@@ -15,10 +15,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, literal, or_, select, text, update
+from sqlalchemy import func, insert, literal, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from mailer import blast_state
+from mailer.blast_state import finish_if_complete
 from mailer.db import utcnow
+from mailer.errors import Conflict, Invalid, NotFound
 from mailer.models import (
     Blast,
     BlastStatus,
@@ -28,9 +31,8 @@ from mailer.models import (
     Subscriber,
     SubscriberStatus,
 )
-from mailer.record import finish_if_complete
+from mailer.queue import Queue
 from mailer.runtime import Runtime
-from mailer.worker import Queue
 
 log = logging.getLogger("mailer.blasts")
 
@@ -38,13 +40,11 @@ ACTIVE = (BlastStatus.scheduled, BlastStatus.queued, BlastStatus.sending, BlastS
 ENQUEUE_CONCURRENCY = 32
 
 
-class BlastError(Exception):
-    """A request the blast's state or input forbids; ``status`` is the HTTP status to answer."""
+ACTIONS = ("pause", "resume", "cancel")
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+
+class UnknownAction(NotFound):
+    """An editor asked for an action a blast does not have."""
 
 
 @dataclass(frozen=True)
@@ -84,17 +84,15 @@ async def create(
 ) -> Blast:
     now = utcnow()
     if send_at is not None and send_at.tzinfo is None:
-        raise BlastError(422, "send_at: must include a timezone, e.g. 2026-01-31T09:00:00Z")
+        raise Invalid("send_at", "must include a timezone, e.g. 2026-01-31T09:00:00Z")
     async with runtime.sessions() as session:
         if await session.get(Statement, statement_id) is None:
-            raise BlastError(422, f"statement_id: no statement with id {statement_id}")
+            raise Invalid("statement_id", f"no statement with id {statement_id}")
         running = await session.scalar(
             select(Blast.id).where(Blast.statement_id == statement_id, Blast.status.in_(ACTIVE))
         )
         if running is not None:
-            raise BlastError(
-                409, f"statement {statement_id} already has an active blast (id {running})"
-            )
+            raise Conflict(f"statement {statement_id} already has an active blast (id {running})")
         scheduled = send_at is not None and send_at > now
         blast = Blast(
             statement_id=statement_id,
@@ -131,9 +129,7 @@ async def start_due(runtime: Runtime, queue: Queue, blast_id: int) -> None:
             await session.rollback()
             return
         total = await snapshot(session, blast_id)
-        blast.status = BlastStatus.sending
-        blast.total = total
-        blast.started_at = utcnow()
+        blast_state.start_sending(blast, total)
         await session.commit()
     log.info(
         "blast %s sending to %s subscribers",
@@ -212,31 +208,8 @@ async def fan_out(runtime: Runtime, queue: Queue, blast_id: int, generation: str
 # Editor actions -------------------------------------------------------------------
 
 
-async def _transition(
-    runtime: Runtime, blast_id: int, allowed: tuple[str, ...], to: str, **values: Any
-) -> Blast:
-    async with runtime.sessions() as session:
-        blast = await session.get(Blast, blast_id, with_for_update=True)
-        if blast is None:
-            raise BlastError(404, f"no blast with id {blast_id}")
-        if blast.status not in allowed:
-            raise BlastError(409, f"blast {blast_id} is {blast.status}; cannot make it {to}")
-        blast.status = to
-        for key, value in values.items():
-            setattr(blast, key, value)
-        if to == BlastStatus.cancelled:
-            await session.execute(
-                update(Delivery)
-                .where(Delivery.blast_id == blast_id, Delivery.status == DeliveryStatus.pending)
-                .values(status=DeliveryStatus.cancelled)
-            )
-        await session.commit()
-    log.info("blast %s is now %s", blast_id, to, extra={"blast_id": blast_id, "status": str(to)})
-    return blast
-
-
 async def pause(runtime: Runtime, blast_id: int) -> Blast:
-    return await _transition(
+    return await blast_state.transition(
         runtime, blast_id, (BlastStatus.sending, BlastStatus.queued), BlastStatus.paused,
         reason="paused by an editor",
     )  # fmt: skip
@@ -246,7 +219,9 @@ async def resume(runtime: Runtime, queue: Queue, blast_id: int) -> Blast:
     async with runtime.sessions() as session:
         started = await session.scalar(select(Blast.started_at).where(Blast.id == blast_id))
     target = BlastStatus.sending if started is not None else BlastStatus.queued
-    blast = await _transition(runtime, blast_id, (BlastStatus.paused,), target, reason=None)
+    blast = await blast_state.transition(
+        runtime, blast_id, (BlastStatus.paused,), target, reason=None
+    )
     if target == BlastStatus.queued:
         await queue.start_blast(runtime.keys.start_job_id(blast_id), blast_id, None)
     else:
@@ -255,13 +230,24 @@ async def resume(runtime: Runtime, queue: Queue, blast_id: int) -> Blast:
 
 
 async def cancel(runtime: Runtime, blast_id: int) -> Blast:
-    return await _transition(
+    return await blast_state.transition(
         runtime,
         blast_id,
         (BlastStatus.scheduled, BlastStatus.queued, BlastStatus.sending, BlastStatus.paused),
         BlastStatus.cancelled,
         finished_at=utcnow(),
     )
+
+
+async def apply_action(runtime: Runtime, queue: Queue, blast_id: int, action: str) -> Blast:
+    """An editor's action by name, for the API and the admin UI alike."""
+    if action == "pause":
+        return await pause(runtime, blast_id)
+    if action == "resume":
+        return await resume(runtime, queue, blast_id)
+    if action == "cancel":
+        return await cancel(runtime, blast_id)
+    raise UnknownAction(f"unknown action {action!r}; use pause, resume or cancel")
 
 
 # Progress --------------------------------------------------------------------------
@@ -305,89 +291,3 @@ async def list_blasts(session: AsyncSession, limit: int = 50, offset: int = 0) -
         if p is not None:
             out.append(p)
     return out
-
-
-# The reconciler --------------------------------------------------------------------
-
-
-async def reconcile(runtime: Runtime, queue: Queue) -> None:
-    """Re-derive lost work from SQL: start due blasts, free expired leases, fan out idle blasts.
-
-    Runs as a unique arq cron job. A blast whose batches made progress within the last few
-    reconcile intervals is left alone; duplicate work would be harmless but wasteful.
-    """
-    now = utcnow()
-    async with runtime.sessions() as session:
-        due = list(
-            await session.scalars(
-                select(Blast.id).where(
-                    or_(
-                        Blast.status == BlastStatus.queued,
-                        (Blast.status == BlastStatus.scheduled) & (Blast.send_at <= now),
-                    )
-                )
-            )
-        )
-        sending = list(
-            await session.scalars(select(Blast.id).where(Blast.status == BlastStatus.sending))
-        )
-        # Rows a dead worker held when its blast was cancelled: cancelled too, once free.
-        await session.execute(
-            update(Delivery)
-            .where(
-                Delivery.blast_id.in_(
-                    select(Blast.id).where(Blast.status == BlastStatus.cancelled).scalar_subquery()
-                ),
-                or_(
-                    Delivery.status == DeliveryStatus.pending,
-                    (Delivery.status == DeliveryStatus.sending) & (Delivery.lease_until < now),
-                ),
-            )
-            .values(status=DeliveryStatus.cancelled, lease_until=None)
-        )
-        await session.commit()
-        if sending:
-            await session.execute(
-                update(Delivery)
-                .where(
-                    Delivery.blast_id.in_(sending),
-                    Delivery.status == DeliveryStatus.sending,
-                    Delivery.lease_until < now,
-                )
-                .values(status=DeliveryStatus.pending, lease_until=None)
-            )
-            await session.commit()
-    for blast_id in due:
-        await queue.start_blast(runtime.keys.start_job_id(blast_id), blast_id, None)
-    for blast_id in sending:
-        if await finish_if_complete(runtime, blast_id):
-            continue
-        if await runtime.redis.exists(runtime.keys.blast_active(blast_id)):
-            continue
-        enqueued = await fan_out(runtime, queue, blast_id)
-        if not enqueued:
-            enqueued = await _unstick(runtime, queue, blast_id)
-        if enqueued:
-            log.info("reconciler: blast %s had idle work, enqueued %s batches", blast_id, enqueued)
-
-
-async def _unstick(runtime: Runtime, queue: Queue, blast_id: int) -> int:
-    """Work is left but every range already has a job id taken, and nothing moves.
-
-    That happens when a worker died holding jobs: arq keeps their in-progress keys until
-    the job timeout + 10 s runs out. Once the blast has been idle longer than a lease,
-    fan out again under a new generation of job ids instead of waiting.
-    """
-    keys = runtime.keys
-    now = utcnow().timestamp()
-    since = await runtime.redis.get(keys.blast_idle(blast_id))
-    if since is None:
-        await runtime.redis.set(keys.blast_idle(blast_id), now, ex=86400)
-        return 0
-    stale_after = max(
-        2 * runtime.settings.delivery_lease_s, 3 * runtime.settings.reconcile_interval_s
-    )
-    if now - float(since) < stale_after:
-        return 0
-    await runtime.redis.set(keys.blast_idle(blast_id), now, ex=86400)
-    return await fan_out(runtime, queue, blast_id, generation=f"g{int(now)}")

@@ -192,9 +192,9 @@ def publish(
 
     async def _publish() -> tuple[int, int | None, str | None]:
         from mailer import blasts
+        from mailer.queue import Queue
         from mailer.runtime import Runtime
         from mailer.statements import create_statement
-        from mailer.worker import Queue
 
         runtime = Runtime.create(settings)
         queue = await Queue.connect(settings)
@@ -209,12 +209,12 @@ def publish(
             await queue.close()
             await runtime.close()
 
-    from mailer.blasts import BlastError
+    from mailer.errors import MailerError
 
     try:
         statement_id, blast_id, status = run(_publish())
-    except BlastError as exc:
-        fail(exc.message)
+    except MailerError as exc:
+        fail(str(exc))
     typer.echo(f"statement {statement_id} published: {data.title}")
     if blast_id is not None:
         typer.echo(
@@ -431,7 +431,7 @@ def status(
 ) -> None:
     """Workers, queue depth, send rate and the progress of every active blast."""
     settings = settings_or_exit()
-    from mailer.status import Unavailable, show
+    from mailer.ops.status import Unavailable, show
 
     try:
         run(show(settings, watch=watch))

@@ -21,9 +21,9 @@ from sqlalchemy.exc import IntegrityError
 from mailer.config import Settings
 from mailer.import_merge import apply_chunk
 from mailer.import_rows import EmailNormalizer, ImportOptions, Row, parse_row
+from mailer.queue import Queue
 from mailer.runtime import Runtime
 from mailer.subscriptions import InvalidInput
-from mailer.worker import Queue
 
 MAX_FILE_BYTES = 200 * 1024 * 1024
 MAX_FILE_LABEL = "200 MB"

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import update
 
+from mailer.blast_state import count_policy_failures
 from mailer.db import utcnow
-from mailer.metrics import SendStats
-from mailer.models import Blast, BlastStatus, Delivery, DeliveryStatus
+from mailer.models import Delivery, DeliveryStatus
 from mailer.runtime import Runtime
+from mailer.stats import OutcomeStatus, SendStats
 from mailer.subscriptions import mark_bounced
 
 log = logging.getLogger("mailer.record")
@@ -35,7 +36,7 @@ class Outcome:
     blast_id: int
     delivery_id: int
     subscriber_id: int
-    status: str
+    status: OutcomeStatus
     code: int | None = None
     error: str | None = None
     next_attempt_at: datetime | None = None
@@ -99,7 +100,7 @@ class Recorder:
         policy = [o for o in batch if o.policy]
         bounced = [o for o in batch if o.suppress]
         async with self.runtime.sessions() as session:
-            if ids := by_status.get("sent"):
+            if ids := by_status.get(OutcomeStatus.sent):
                 await session.execute(
                     update(Delivery)
                     .where(Delivery.id.in_(ids))
@@ -110,19 +111,19 @@ class Recorder:
                         attempts=Delivery.attempts + 1,
                     )
                 )
-            if ids := by_status.get("skipped"):
+            if ids := by_status.get(OutcomeStatus.skipped):
                 await session.execute(
                     update(Delivery)
                     .where(Delivery.id.in_(ids))
                     .values(status=DeliveryStatus.skipped, lease_until=None)
                 )
             for o in batch:
-                if o.status == "failed":
+                if o.status == OutcomeStatus.failed:
                     values: dict[str, Any] = {
                         "status": DeliveryStatus.failed,
                         "attempts": Delivery.attempts + (0 if o.code is None else 1),
                     }
-                elif o.status == "retry":
+                elif o.status == OutcomeStatus.retry:
                     values = {
                         "status": DeliveryStatus.pending,
                         "next_attempt_at": o.next_attempt_at,
@@ -143,40 +144,20 @@ class Recorder:
             for blast_id in blasts:
                 rejected = [o for o in policy if o.blast_id == blast_id]
                 if rejected:
-                    await self._count_policy(session, blast_id, rejected)
+                    last = rejected[-1]
+                    reason = await count_policy_failures(
+                        session,
+                        blast_id,
+                        len(rejected),
+                        (last.code, last.error),
+                        self.runtime.settings.policy_failures_pause,
+                    )
+                    if reason is not None:
+                        self.paused[blast_id] = reason
             await session.commit()
         counts = {s: len(ids) for s, ids in by_status.items()}
         await self._count_in_redis(counts, batch)
         self._warn_failures(batch)
-
-    async def _count_policy(self, session: Any, blast_id: int, policy: list[Outcome]) -> None:
-        limit = self.runtime.settings.policy_failures_pause
-        await session.execute(
-            update(Blast)
-            .where(Blast.id == blast_id)
-            .values(policy_failures=Blast.policy_failures + len(policy))
-        )
-        failures = await session.scalar(select(Blast.policy_failures).where(Blast.id == blast_id))
-        if failures is not None and failures >= limit:
-            last = policy[-1]
-            reason = (
-                f"paused after {failures} policy rejections by the receiving servers "
-                f"(last: {last.code} {last.error}); the sender's reputation or "
-                f"authentication needs attention before resuming"
-            )
-            result = await session.execute(
-                update(Blast)
-                .where(and_(Blast.id == blast_id, Blast.status == BlastStatus.sending))
-                .values(status=BlastStatus.paused, reason=reason[:500])
-            )
-            if result.rowcount:
-                log.error(
-                    "blast %s paused: %s",
-                    blast_id,
-                    reason,
-                    extra={"blast_id": blast_id, "status": BlastStatus.paused.value},
-                )
-            self.paused[blast_id] = reason
 
     async def _count_in_redis(self, counts: dict[str, int], batch: list[Outcome]) -> None:
         """Process-independent counters, summed across every worker, for /metrics."""
@@ -187,8 +168,8 @@ class Recorder:
                 pipe.hincrby(keys.counters, f"messages_{status}", n)
             for (blast_id, status), n in Counter((o.blast_id, o.status) for o in batch).items():
                 pipe.hincrby(keys.blast_counters, f"{blast_id}:{status}", n)
-            if counts.get("sent"):
-                pipe.hincrby(keys.sent_log, str(second), counts["sent"])
+            if counts.get(OutcomeStatus.sent):
+                pipe.hincrby(keys.sent_log, str(second), counts[OutcomeStatus.sent])
             self.stats.drain_into(pipe, keys)
             await pipe.execute()
 
@@ -196,54 +177,16 @@ class Recorder:
     def _warn_failures(batch: list[Outcome]) -> None:
         """One line per blast, outcome and SMTP code in this flush, never one per message."""
         groups = Counter(
-            (o.blast_id, o.status, o.code) for o in batch if o.status in ("failed", "retry")
+            (o.blast_id, o.status, o.code)
+            for o in batch
+            if o.status in (OutcomeStatus.failed, OutcomeStatus.retry)
         )
         for (blast_id, status, code), n in groups.items():
             log.warning(
                 "blast %s: %s deliveries %s (SMTP code %s)",
                 blast_id,
                 n,
-                "failed" if status == "failed" else "deferred for a retry",
+                "failed" if status == OutcomeStatus.failed else "deferred for a retry",
                 code if code is not None else "none",
                 extra={"blast_id": blast_id, "outcome": status, "count": n, "code": code},
             )
-
-
-async def pause_blast(runtime: Runtime, blast_id: int, reason: str) -> None:
-    async with runtime.sessions() as session:
-        result = await session.execute(
-            update(Blast)
-            .where(Blast.id == blast_id, Blast.status == BlastStatus.sending)
-            .values(status=BlastStatus.paused, reason=reason[:500])
-        )
-        await session.commit()
-    if result.rowcount:  # type: ignore[attr-defined]
-        log.error(
-            "blast %s paused: %s",
-            blast_id,
-            reason,
-            extra={"blast_id": blast_id, "status": BlastStatus.paused.value},
-        )
-
-
-async def finish_if_complete(runtime: Runtime, blast_id: int) -> bool:
-    """Mark the blast done once no row is pending or in flight."""
-    async with runtime.sessions() as session:
-        open_rows = (
-            select(Delivery.id)
-            .where(
-                Delivery.blast_id == blast_id,
-                Delivery.status.in_([DeliveryStatus.pending, DeliveryStatus.sending]),
-            )
-            .exists()
-        )
-        result = await session.execute(
-            update(Blast)
-            .where(Blast.id == blast_id, Blast.status == BlastStatus.sending, ~open_rows)
-            .values(status=BlastStatus.done, finished_at=utcnow(), reason=None)
-        )
-        await session.commit()
-    done = bool(result.rowcount)  # type: ignore[attr-defined]
-    if done:
-        log.info("blast %s done", blast_id, extra={"blast_id": blast_id, "status": "done"})
-    return done

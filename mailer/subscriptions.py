@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mailer.db import utcnow
+from mailer.errors import Invalid
 from mailer.models import Subscriber, SubscriberEvent, SubscriberStatus
 from mailer.tokens import ConfirmClaim, TokenError
 
@@ -27,13 +28,8 @@ MAX_EMAIL_LENGTH = 254
 MAX_NAME_LENGTH = 200
 
 
-class InvalidInput(ValueError):
+class InvalidInput(Invalid):
     """Input a visitor can fix; ``field`` and the message are shown to them."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 def has_control(text: str) -> bool:

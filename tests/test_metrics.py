@@ -21,7 +21,7 @@ from smtpserver import SmtpServer
 from test_blasts import auth, blast, progress, publish, wait_status
 
 from mailer.config import Settings
-from mailer.metrics import SMTP_BUCKETS
+from mailer.stats import SMTP_BUCKETS
 
 MAILER = str(Path(sys.executable).parent / "mailer")
 

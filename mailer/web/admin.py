@@ -37,6 +37,7 @@ from starlette.datastructures import FormData
 from mailer import blasts, privacy, statements
 from mailer.db import utcnow
 from mailer.editors import authenticate
+from mailer.errors import MailerError
 from mailer.models import (
     Blast,
     BlastStatus,
@@ -53,6 +54,7 @@ from mailer.smtp import SmtpConfigError
 from mailer.subscriptions import InvalidInput, has_control, normalize_email
 from mailer.web.api import BlastId, Offset, StatementId, SubscriberId, send_test_copies
 from mailer.web.context import AppContext, client_ip, get_ctx
+from mailer.web.deps import status_for
 
 log = logging.getLogger("mailer.admin")
 
@@ -66,6 +68,7 @@ MAX_TEST_RECIPIENTS = 20
 # A datetime-local picked "now" is already a minute old by the time it is submitted.
 PAST_GRACE = timedelta(minutes=5)
 TERMINAL = (BlastStatus.done, BlastStatus.cancelled)
+DONE = {"pause": "paused", "resume": "resumed", "cancel": "cancelled; nothing more will be sent"}
 # The sandbox keeps mail HTML from running scripts, submitting forms or reaching the
 # admin's origin; inline styles are what make the preview look like the email.
 PREVIEW_HEADERS = {
@@ -668,9 +671,6 @@ async def blast_statement(request: Request, statement_id: StatementId, posted: P
     ctx = get_ctx(request)
     try:
         send_at = _send_at(posted)
-        blast = await blasts.create(
-            ctx.runtime, ctx.queue, statement_id, send_at, posted.admin.editor_id
-        )
     except InvalidInput as exc:
         return await _statement_page(
             request,
@@ -679,9 +679,13 @@ async def blast_statement(request: Request, statement_id: StatementId, posted: P
             422,
             Flash("error", f"Not blasted. {exc.field}: {exc.message}"),
         )
-    except blasts.BlastError as exc:
+    try:
+        blast = await blasts.create(
+            ctx.runtime, ctx.queue, statement_id, send_at, posted.admin.editor_id
+        )
+    except MailerError as exc:
         return await _statement_page(
-            request, posted.admin, statement_id, exc.status, Flash("error", exc.message)
+            request, posted.admin, statement_id, status_for(exc), Flash("error", str(exc))
         )
     if blast.status == BlastStatus.scheduled and blast.send_at is not None:
         text = f"Blast #{blast.id} scheduled for {blast.send_at:%Y-%m-%d %H:%M} UTC."
@@ -784,27 +788,19 @@ async def blast_page(request: Request, blast_id: BlastId, admin: Signed) -> Resp
 async def blast_action(request: Request, blast_id: BlastId, action: str, posted: Post) -> Response:
     ctx = get_ctx(request)
     try:
-        if action == "pause":
-            await blasts.pause(ctx.runtime, blast_id)
-            done = "paused"
-        elif action == "resume":
-            await blasts.resume(ctx.runtime, ctx.queue, blast_id)
-            done = "resumed"
-        elif action == "cancel":
-            await blasts.cancel(ctx.runtime, blast_id)
-            done = "cancelled; nothing more will be sent"
-        else:
-            return _render(
-                request,
-                "error.html",
-                posted.admin,
-                404,
-                heading="Unknown action",
-                message="A blast can be paused, resumed or cancelled.",
-            )
-    except blasts.BlastError as exc:
-        return await _blasts_page(request, posted.admin, exc.status, Flash("error", exc.message))
-    return _redirect(request, "/admin/blasts", f"Blast #{blast_id} {done}.")
+        await blasts.apply_action(ctx.runtime, ctx.queue, blast_id, action)
+    except blasts.UnknownAction:
+        return _render(
+            request,
+            "error.html",
+            posted.admin,
+            404,
+            heading="Unknown action",
+            message="A blast can be paused, resumed or cancelled.",
+        )
+    except MailerError as exc:
+        return await _blasts_page(request, posted.admin, status_for(exc), Flash("error", str(exc)))
+    return _redirect(request, "/admin/blasts", f"Blast #{blast_id} {DONE[action]}.")
 
 
 # Subscribers -------------------------------------------------------------------------------

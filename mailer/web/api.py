@@ -15,11 +15,13 @@ from sqlalchemy import func, select
 
 from mailer import blasts, statements
 from mailer.editors import authenticate
+from mailer.errors import MailerError
 from mailer.models import Editor, Statement, Subscriber, SubscriberEvent, SubscriberStatus
 from mailer.render import StatementContent, make_message_id
 from mailer.smtp import SendError, SmtpConfigError, SmtpPool
 from mailer.subscriptions import InvalidInput, has_control, normalize_email
 from mailer.web.context import MAX_SQL_INT, AppContext, get_ctx
+from mailer.web.deps import status_for
 
 
 class ApiError(Exception):
@@ -225,8 +227,8 @@ async def create_blast(request: Request, data: BlastIn, editor: EditorDep) -> JS
         blast = await blasts.create(
             ctx.runtime, ctx.queue, data.statement_id, data.send_at, editor.id
         )
-    except blasts.BlastError as exc:
-        raise ApiError(exc.status, exc.message) from None
+    except MailerError as exc:
+        raise ApiError(status_for(exc), str(exc)) from None
     return JSONResponse(await _blast_json(ctx, blast.id), 202)
 
 
@@ -265,16 +267,9 @@ async def blast_action(
 ) -> JSONResponse:
     ctx = get_ctx(request)
     try:
-        if action == "pause":
-            await blasts.pause(ctx.runtime, blast_id)
-        elif action == "resume":
-            await blasts.resume(ctx.runtime, ctx.queue, blast_id)
-        elif action == "cancel":
-            await blasts.cancel(ctx.runtime, blast_id)
-        else:
-            raise ApiError(404, f"unknown action {action!r}; use pause, resume or cancel")
-    except blasts.BlastError as exc:
-        raise ApiError(exc.status, exc.message) from None
+        await blasts.apply_action(ctx.runtime, ctx.queue, blast_id, action)
+    except MailerError as exc:
+        raise ApiError(status_for(exc), str(exc)) from None
     return JSONResponse(await _blast_json(ctx, blast_id))
 
 

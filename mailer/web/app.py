@@ -19,12 +19,12 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mailer.config import Env, Settings
+from mailer.queue import Queue
 from mailer.render import Renderer
 from mailer.runtime import Runtime
 from mailer.web import admin, api, ops, public
 from mailer.web.context import AppContext
 from mailer.web.guards import BodyLimit, SecurityHeaders, security_headers
-from mailer.worker import Queue
 
 STATIC = Path(__file__).resolve().parent / "static"
 # FastAPI's words for a body it could not decode (not UTF-8, nested too deep).

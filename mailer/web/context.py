@@ -10,9 +10,9 @@ from fastapi import Request
 from fastapi.templating import Jinja2Templates
 
 from mailer.config import IPNetwork
+from mailer.queue import Queue
 from mailer.render import Renderer
 from mailer.runtime import Runtime
-from mailer.worker import Queue
 
 # The largest id or offset SQL can take (BIGINT, and SQLite's INTEGER): anything larger
 # is refused as bad input rather than overflowing in the driver.

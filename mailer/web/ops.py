@@ -15,7 +15,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
-from mailer.metrics import Exporter, queue_overview
+from mailer.ops.figures import queue_overview
+from mailer.ops.prometheus import Exporter
 from mailer.web.api import EDITOR_ERRORS, EditorDep
 from mailer.web.context import get_ctx
 

@@ -1,10 +1,11 @@
 """Send one batch of a blast: claim → still subscribed? → throttle → send → record.
 
 A batch job owns a range of delivery ids. It claims due rows in small chunks
-under a lease, re-checks each subscriber right before sending (unsubscribe
-wins, invariant 3) and records outcomes every few messages. After a crash the
-only repeats are messages that were sent but not yet recorded (invariant 2);
-rows whose lease ran out go back to pending and the reconciler re-enqueues them.
+under a lease (``delivery.claims``), re-checks each subscriber right before
+sending (unsubscribe wins: docs/design.md, invariant 3) and records outcomes
+every few messages. After a crash the only repeats are messages that were sent
+but not yet recorded (docs/design.md, invariant 2); rows whose lease ran out go
+back to pending and the reconciler re-enqueues them.
 """
 
 from __future__ import annotations
@@ -14,21 +15,24 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import select
 
+from mailer.backoff import retry_delay
+from mailer.blast_state import clear_waiting, finish_if_complete, pause_if_sending
 from mailer.db import readonly, utcnow
+from mailer.delivery.claims import Claimed, Claims, split_by_domain
 from mailer.models import (
     Blast,
     BlastStatus,
-    Delivery,
     DeliveryStatus,
     Statement,
     Subscriber,
     SubscriberStatus,
 )
-from mailer.record import Outcome, Recorder, finish_if_complete, pause_blast
+from mailer.queue import Queue
+from mailer.record import Outcome, Recorder
 from mailer.render import CompiledMessage, Renderer, StatementContent, make_message_id
 from mailer.runtime import Runtime
 from mailer.smtp import (
@@ -38,23 +42,14 @@ from mailer.smtp import (
     SmtpConfigError,
     SmtpPool,
 )
+from mailer.stats import OutcomeStatus
 from mailer.throttle import Throttle
-from mailer.worker import Queue, retry_delay
 
 log = logging.getLogger("mailer.delivery")
 
 CHUNK_UNLIMITED = 200  # rows claimed at once when nothing limits the rate
 JOB_BUDGET_S = 60.0  # a job longer than this hands the rest of its range to a new job
 STATUS_TTL_S = 0.25  # how stale a batch's view of pause/cancel may be
-DOMAIN_CHUNK_S = 10.0  # at most this many seconds of a rate-limited domain per chunk
-
-
-@dataclass
-class Claimed:
-    delivery_id: int
-    subscriber_id: int
-    attempts: int
-    first_attempt_at: datetime | None
 
 
 @dataclass
@@ -89,6 +84,7 @@ class Sender:
         self.recorder = Recorder(runtime)
         self._status: dict[int, tuple[float, str | None]] = {}
         self._reader = readonly(runtime.engine)
+        self.claims = Claims(runtime)
 
     # Public entry point ------------------------------------------------------------
 
@@ -100,12 +96,12 @@ class Sender:
             if status != BlastStatus.sending:
                 return f"blast {status}"
             if time.monotonic() - started > JOB_BUDGET_S:
-                remaining = await self._next_due_id(blast_id, first_id, last_id)
+                remaining = await self.claims.next_due_id(blast_id, first_id, last_id)
                 if remaining is not None:
                     job_id = self.runtime.keys.batch_job_id(blast_id, remaining)
                     await self.queue.batch(job_id, blast_id, remaining, last_id)
                 return "continued"
-            claimed = await self._claim(blast_id, first_id, last_id, self._chunk_size())
+            claimed = await self.claims.claim(blast_id, first_id, last_id, self._chunk_size())
             if not claimed:
                 break
             keys = self.runtime.keys
@@ -113,7 +109,7 @@ class Sender:
                 pipe.set(keys.blast_active(blast_id), 1, ex=self._active_ttl())
                 pipe.delete(keys.blast_idle(blast_id))
                 await pipe.execute()
-            await self._clear_waiting(blast_id)
+            await clear_waiting(self.runtime, blast_id)
             report = await self._send_chunk(blast_id, claimed)
             totals.sent += report.sent
             totals.failed += report.failed
@@ -139,16 +135,6 @@ class Sender:
     def _active_ttl(self) -> int:
         return max(3, 3 * self.settings.reconcile_interval_s)
 
-    async def _clear_waiting(self, blast_id: int) -> None:
-        """Sending again after a quota wait: the "waiting" note no longer holds."""
-        async with self.runtime.sessions() as session:
-            await session.execute(
-                update(Blast)
-                .where(Blast.id == blast_id, Blast.reason.like("waiting:%"))
-                .values(reason=None)
-            )
-            await session.commit()
-
     async def _current_status(self, blast_id: int) -> str | None:
         """The blast's status, read at most every STATUS_TTL_S per process (pause is fast).
 
@@ -169,66 +155,6 @@ class Sender:
     async def _blast_status(self, blast_id: int) -> str | None:
         async with self.runtime.reads() as session:
             return await session.scalar(select(Blast.status).where(Blast.id == blast_id))
-
-    async def _next_due_id(self, blast_id: int, first_id: int, last_id: int) -> int | None:
-        async with self.runtime.reads() as session:
-            return await session.scalar(
-                select(func.min(Delivery.id)).where(
-                    Delivery.blast_id == blast_id,
-                    Delivery.id.between(first_id, last_id),
-                    Delivery.status == DeliveryStatus.pending,
-                )
-            )
-
-    async def _claim(self, blast_id: int, first_id: int, last_id: int, limit: int) -> list[Claimed]:
-        now = utcnow()
-        lease = now + timedelta(seconds=self.settings.delivery_lease_s)
-        async with self.runtime.sessions() as session:
-            ids = (
-                select(Delivery.id)
-                .where(
-                    Delivery.blast_id == blast_id,
-                    Delivery.id.between(first_id, last_id),
-                    Delivery.status == DeliveryStatus.pending,
-                    or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
-                )
-                .order_by(Delivery.id)
-                .limit(limit)
-            )
-            if self.runtime.engine.dialect.name == "postgresql":
-                ids = ids.with_for_update(skip_locked=True)
-            rows = await session.execute(
-                update(Delivery)
-                .where(Delivery.id.in_(ids.scalar_subquery()))
-                .where(Delivery.status == DeliveryStatus.pending)
-                .values(
-                    status=DeliveryStatus.sending,
-                    lease_until=lease,
-                    first_attempt_at=func.coalesce(Delivery.first_attempt_at, now),
-                )
-                .returning(
-                    Delivery.id,
-                    Delivery.subscriber_id,
-                    Delivery.attempts,
-                    Delivery.first_attempt_at,
-                )
-            )
-            claimed = []
-            erased = []
-            for r in rows:
-                if r[1] is None:  # the subscriber was erased after the snapshot
-                    erased.append(r[0])
-                else:
-                    claimed.append(Claimed(r[0], r[1], r[2], r[3]))
-            if erased:
-                await session.execute(
-                    update(Delivery)
-                    .where(Delivery.id.in_(erased))
-                    .values(status=DeliveryStatus.skipped, lease_until=None)
-                )
-            await session.commit()
-        claimed.sort(key=lambda c: c.delivery_id)
-        return claimed
 
     # Sending -------------------------------------------------------------------------
 
@@ -273,8 +199,7 @@ class Sender:
         unsent = {c.delivery_id for c in claimed}
 
         async def record(outcome: Outcome) -> None:
-            counted = {"sent": "sent", "failed": "failed", "skipped": "skipped", "retry": "retried"}
-            field = counted[outcome.status]
+            field = outcome.status.counter
             setattr(report, field, getattr(report, field) + 1)
             unsent.discard(outcome.delivery_id)
             await recorder.add(outcome)
@@ -284,11 +209,15 @@ class Sender:
         addresses = await self._still_subscribed([c.subscriber_id for c in claimed])
         for item in claimed:
             if item.subscriber_id not in addresses:
-                await record(Outcome(blast_id, item.delivery_id, item.subscriber_id, "skipped"))
-        general, by_domain = self._split_by_domain(
-            [c for c in claimed if c.subscriber_id in addresses], addresses
+                await record(
+                    Outcome(blast_id, item.delivery_id, item.subscriber_id, OutcomeStatus.skipped)
+                )
+        general, by_domain = split_by_domain(
+            [c for c in claimed if c.subscriber_id in addresses],
+            addresses,
+            self.settings.domain_rates,
         )
-        await self._defer_domain_excess(by_domain)
+        await self.claims.defer_domain_excess(by_domain)
         ready = general + [c for items in by_domain.values() for c in items]
         granted = await self.throttle.take_daily(len(ready))
         if granted < len(ready):
@@ -317,7 +246,11 @@ class Sender:
             for item in items:
                 email = alive.get(item.subscriber_id)
                 if email is None:
-                    await record(Outcome(blast_id, item.delivery_id, item.subscriber_id, "skipped"))
+                    await record(
+                        Outcome(
+                            blast_id, item.delivery_id, item.subscriber_id, OutcomeStatus.skipped
+                        )
+                    )
                     continue
                 attempted.append(1)
                 outcome = await self._send_one(compiled, blast_id, item, email)
@@ -346,7 +279,7 @@ class Sender:
                 if not await send([items.pop(0)], domain, items):
                     return
 
-        renewal = asyncio.create_task(self._renew_leases(unsent))
+        renewal = asyncio.create_task(self.claims.keep_leases(unsent))
         try:
             await asyncio.gather(
                 *(lane() for _ in range(self.smtp.size)),
@@ -363,59 +296,6 @@ class Sender:
         if blast_id in recorder.paused:
             report.stopped = "paused: " + recorder.paused.pop(blast_id)
         return report
-
-    async def _renew_leases(self, unsent: set[int]) -> None:
-        """Keep our claim while we wait for the throttle, so nobody takes these rows over."""
-        every = max(0.5, self.settings.delivery_lease_s / 3)
-        while True:
-            await asyncio.sleep(every)
-            if not unsent:
-                continue
-            lease = utcnow() + timedelta(seconds=self.settings.delivery_lease_s)
-            async with self.runtime.sessions() as session:
-                await session.execute(
-                    update(Delivery)
-                    .where(Delivery.id.in_(list(unsent)), Delivery.status == DeliveryStatus.sending)
-                    .values(lease_until=lease)
-                )
-                await session.commit()
-
-    def _split_by_domain(
-        self, items: list[Claimed], addresses: dict[int, str]
-    ) -> tuple[list[Claimed], dict[str, list[Claimed]]]:
-        rates = self.settings.domain_rates
-        general: list[Claimed] = []
-        by_domain: dict[str, list[Claimed]] = {}
-        for item in items:
-            domain = addresses[item.subscriber_id].rpartition("@")[2].lower()
-            if rates.get(domain, 0) > 0:
-                by_domain.setdefault(domain, []).append(item)
-            else:
-                general.append(item)
-        return general, by_domain
-
-    async def _defer_domain_excess(self, by_domain: dict[str, list[Claimed]]) -> None:
-        """Keep a chunk to about DOMAIN_CHUNK_S of each slow domain; the rest waits in SQL.
-
-        Nothing is booked in the throttle for deferred rows, so no slot is wasted, and the
-        chunk stays short enough for its lease.
-        """
-        now = utcnow()
-        for domain, items in by_domain.items():
-            rate = self.settings.domain_rates[domain]
-            allowed = max(1, int(rate * DOMAIN_CHUNK_S))
-            excess = items[allowed:]
-            if not excess:
-                continue
-            del items[allowed:]
-            until = now + timedelta(seconds=allowed / rate)
-            async with self.runtime.sessions() as session:
-                await session.execute(
-                    update(Delivery)
-                    .where(Delivery.id.in_([c.delivery_id for c in excess]))
-                    .values(status=DeliveryStatus.pending, lease_until=None, next_attempt_at=until)
-                )
-                await session.commit()
 
     def envelope_sender(self, subscriber_id: int) -> str:
         """The Return-Path. With VERP each subscriber gets its own, so a bounce names them."""
@@ -437,7 +317,7 @@ class Sender:
                 blast_id,
                 item.delivery_id,
                 item.subscriber_id,
-                "failed",
+                OutcomeStatus.failed,
                 code,
                 error,
                 policy=policy,
@@ -455,7 +335,7 @@ class Sender:
         try:
             await self._timed_send(self.envelope_sender(item.subscriber_id), email, data)
         except SmtpConfigError as exc:
-            await pause_blast(self.runtime, blast_id, f"SMTP relay unusable: {exc}")
+            await pause_if_sending(self.runtime, blast_id, f"SMTP relay unusable: {exc}")
             return None
         except PolicyError as exc:
             return failed(exc.code, exc.message, policy=True)
@@ -463,7 +343,7 @@ class Sender:
             return failed(exc.code, exc.message, suppress=exc.suppress)
         except SendError as exc:  # transient: 4xx, timeouts, dropped lines
             return self._transient(blast_id, item, exc)
-        return Outcome(blast_id, item.delivery_id, item.subscriber_id, "sent")
+        return Outcome(blast_id, item.delivery_id, item.subscriber_id, OutcomeStatus.sent)
 
     async def _timed_send(self, sender: str, recipient: str, data: bytes) -> None:
         """Time the SMTP transaction for the latency histogram (written with each flush)."""
@@ -481,7 +361,7 @@ class Sender:
                 blast_id,
                 item.delivery_id,
                 item.subscriber_id,
-                "failed",
+                OutcomeStatus.failed,
                 exc.code,
                 f"gave up: {exc.message}",
             )
@@ -490,7 +370,7 @@ class Sender:
             blast_id,
             item.delivery_id,
             item.subscriber_id,
-            "retry",
+            OutcomeStatus.retry,
             exc.code,
             exc.message,
             next_attempt_at=now + timedelta(seconds=delay),
@@ -499,18 +379,10 @@ class Sender:
     async def _defer_for_quota(self, blast_id: int, items: list[Claimed]) -> None:
         wait = max(1.0, await self.throttle.daily_resets_in())
         until = utcnow() + timedelta(seconds=wait)
-        async with self.runtime.sessions() as session:
-            await session.execute(
-                update(Delivery)
-                .where(Delivery.id.in_([c.delivery_id for c in items]))
-                .values(status=DeliveryStatus.pending, lease_until=None, next_attempt_at=until)
-            )
-            await session.execute(
-                update(Blast)
-                .where(Blast.id == blast_id)
-                .values(
-                    reason=f"waiting: daily quota of {self.settings.daily_quota} reached; "
-                    f"resumes at {until.strftime('%Y-%m-%d %H:%M:%S')} UTC"
-                )
-            )
-            await session.commit()
+        await self.claims.defer(
+            items,
+            until,
+            blast_id=blast_id,
+            waiting=f"daily quota of {self.settings.daily_quota} reached; "
+            f"resumes at {until.strftime('%Y-%m-%d %H:%M:%S')} UTC",
+        )

@@ -22,9 +22,9 @@ from rich.text import Text
 
 from mailer.blasts import Progress
 from mailer.config import Settings
-from mailer.metrics import Figures, active_blasts, gather
+from mailer.ops.figures import Figures, active_blasts, gather
+from mailer.queue import Queue
 from mailer.runtime import Runtime
-from mailer.worker import Queue
 
 WATCH_EVERY_S = 2.0
 STATUS_STYLE = {

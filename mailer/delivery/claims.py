@@ -1,0 +1,175 @@
+"""The delivery rows of a batch: claimed under a lease, kept, handed back or deferred.
+
+A row is ``pending`` until a batch claims it (``sending``, with ``lease_until``);
+the recorder then writes its outcome. A worker that dies holding rows loses them
+only until the lease runs out: the reconciler makes them ``pending`` again. This
+is what bounds the repeats after a crash (docs/design.md, invariant 2): the rows,
+not the jobs, say what is left to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, or_, select, update
+
+from mailer import blast_state
+from mailer.db import utcnow
+from mailer.models import Delivery, DeliveryStatus
+from mailer.runtime import Runtime
+
+DOMAIN_CHUNK_S = 10.0  # at most this many seconds of a rate-limited domain per chunk
+
+
+@dataclass
+class Claimed:
+    delivery_id: int
+    subscriber_id: int
+    attempts: int
+    first_attempt_at: datetime | None
+
+
+def split_by_domain(
+    items: list[Claimed], addresses: dict[int, str], rates: dict[str, float]
+) -> tuple[list[Claimed], dict[str, list[Claimed]]]:
+    """Rows for rate-limited domains (per domain), apart from the rest."""
+    general: list[Claimed] = []
+    by_domain: dict[str, list[Claimed]] = {}
+    for item in items:
+        domain = addresses[item.subscriber_id].rpartition("@")[2].lower()
+        if rates.get(domain, 0) > 0:
+            by_domain.setdefault(domain, []).append(item)
+        else:
+            general.append(item)
+    return general, by_domain
+
+
+class Claims:
+    """Claims, leases and deferrals of delivery rows, for one worker process."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+
+    async def next_due_id(self, blast_id: int, first_id: int, last_id: int) -> int | None:
+        async with self.runtime.reads() as session:
+            return await session.scalar(
+                select(func.min(Delivery.id)).where(
+                    Delivery.blast_id == blast_id,
+                    Delivery.id.between(first_id, last_id),
+                    Delivery.status == DeliveryStatus.pending,
+                )
+            )
+
+    async def claim(self, blast_id: int, first_id: int, last_id: int, limit: int) -> list[Claimed]:
+        """Take up to ``limit`` due rows of the range, in id order, under a fresh lease.
+
+        Rows whose subscriber was erased after the snapshot are skipped on the spot.
+        """
+        now = utcnow()
+        lease = now + timedelta(seconds=self.settings.delivery_lease_s)
+        async with self.runtime.sessions() as session:
+            ids = (
+                select(Delivery.id)
+                .where(
+                    Delivery.blast_id == blast_id,
+                    Delivery.id.between(first_id, last_id),
+                    Delivery.status == DeliveryStatus.pending,
+                    or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+                )
+                .order_by(Delivery.id)
+                .limit(limit)
+            )
+            if self.runtime.engine.dialect.name == "postgresql":
+                ids = ids.with_for_update(skip_locked=True)
+            rows = await session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(ids.scalar_subquery()))
+                .where(Delivery.status == DeliveryStatus.pending)
+                .values(
+                    status=DeliveryStatus.sending,
+                    lease_until=lease,
+                    first_attempt_at=func.coalesce(Delivery.first_attempt_at, now),
+                )
+                .returning(
+                    Delivery.id,
+                    Delivery.subscriber_id,
+                    Delivery.attempts,
+                    Delivery.first_attempt_at,
+                )
+            )
+            claimed = []
+            erased = []
+            for r in rows:
+                if r[1] is None:  # the subscriber was erased after the snapshot
+                    erased.append(r[0])
+                else:
+                    claimed.append(Claimed(r[0], r[1], r[2], r[3]))
+            if erased:
+                await session.execute(
+                    update(Delivery)
+                    .where(Delivery.id.in_(erased))
+                    .values(status=DeliveryStatus.skipped, lease_until=None)
+                )
+            await session.commit()
+        claimed.sort(key=lambda c: c.delivery_id)
+        return claimed
+
+    async def keep_leases(self, unsent: set[int]) -> None:
+        """Keep our claim while we wait for the throttle, so nobody takes these rows over.
+
+        Runs until cancelled; ``unsent`` shrinks as outcomes are recorded.
+        """
+        every = max(0.5, self.settings.delivery_lease_s / 3)
+        while True:
+            await asyncio.sleep(every)
+            if not unsent:
+                continue
+            lease = utcnow() + timedelta(seconds=self.settings.delivery_lease_s)
+            async with self.runtime.sessions() as session:
+                await session.execute(
+                    update(Delivery)
+                    .where(Delivery.id.in_(list(unsent)), Delivery.status == DeliveryStatus.sending)
+                    .values(lease_until=lease)
+                )
+                await session.commit()
+
+    async def defer(
+        self,
+        items: list[Claimed],
+        until: datetime,
+        *,
+        blast_id: int | None = None,
+        waiting: str | None = None,
+    ) -> None:
+        """Hand claimed rows back, due again at ``until``; nothing was sent to them.
+
+        With ``waiting``, the blast shows that note in the same transaction.
+        """
+        async with self.runtime.sessions() as session:
+            await session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_([c.delivery_id for c in items]))
+                .values(status=DeliveryStatus.pending, lease_until=None, next_attempt_at=until)
+            )
+            if blast_id is not None and waiting is not None:
+                await blast_state.note_waiting(session, blast_id, waiting)
+            await session.commit()
+
+    async def defer_domain_excess(self, by_domain: dict[str, list[Claimed]]) -> None:
+        """Keep a chunk to about DOMAIN_CHUNK_S of each slow domain; the rest waits in SQL.
+
+        Nothing is booked in the throttle for deferred rows, so no slot is wasted, and the
+        chunk stays short enough for its lease.
+        """
+        now = utcnow()
+        for domain, items in by_domain.items():
+            rate = self.settings.domain_rates[domain]
+            allowed = max(1, int(rate * DOMAIN_CHUNK_S))
+            excess = items[allowed:]
+            if not excess:
+                continue
+            del items[allowed:]
+            await self.defer(excess, now + timedelta(seconds=allowed / rate))
