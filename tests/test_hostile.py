@@ -25,8 +25,7 @@ from sqlalchemy import text
 
 from mailer.config import Settings
 from mailer.db import make_engine
-from mailer.import_rows import ImportOptions
-from mailer.importer import MAX_FILE_BYTES, ImportFileError, check_file, import_csv
+from mailer.importer import MAX_FILE_BYTES, ImportFileError, ImportOptions, check_file, import_csv
 from mailer.render import clean_header_text
 from mailer.statements import MAX_BODY, MAX_TITLE
 from mailer.tokens import Tokens

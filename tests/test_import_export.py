@@ -24,8 +24,7 @@ from smtpserver import SmtpServer
 from mailer.config import Settings
 from mailer.db import make_engine
 from mailer.exporter import COLUMNS, export_csv
-from mailer.import_rows import EmailNormalizer
-from mailer.importer import ImportOptions, import_csv
+from mailer.importer import EmailNormalizer, ImportOptions, import_csv
 from mailer.migrate import upgrade
 from mailer.subscriptions import InvalidInput, normalize_email
 

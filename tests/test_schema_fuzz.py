@@ -46,8 +46,7 @@ from schemathesis.specs.openapi.checks import (
 from smtpserver import SmtpServer
 
 from mailer.config import Settings
-from mailer.import_rows import ImportOptions
-from mailer.importer import Report, import_csv, read_chunks
+from mailer.importer import ImportOptions, Report, import_csv, read_chunks
 from mailer.statements import render_markdown
 from mailer.subscriptions import InvalidInput, normalize_email
 from mailer.tokens import TokenError, Tokens

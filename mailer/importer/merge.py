@@ -9,18 +9,16 @@ RETURNING, one bulk INSERT of events, bulk UPDATEs), which is what makes
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import bindparam, func, insert, select, update
 
 from mailer.db import readonly, utcnow
+from mailer.importer.report import Chunk, Report
+from mailer.importer.rows import ImportOptions, Row
 from mailer.models import Subscriber, SubscriberEvent, SubscriberStatus
 from mailer.privacy import suppressed_addresses
 from mailer.runtime import Runtime
-
-if TYPE_CHECKING:
-    from mailer.import_rows import ImportOptions, Row
-    from mailer.importer import Chunk, Report
 
 LEFT = (SubscriberStatus.unsubscribed, SubscriberStatus.bounced)
 
