@@ -34,7 +34,7 @@ FAMILIES: list[tuple[str, tuple[str, ...]]] = [
     ("logging", ("logging/",)),
     ("mailer: render", ("mailer/render.py",)),
     ("mailer: tokens", ("mailer/tokens.py", "itsdangerous/", "hmac.py", "hashlib")),
-    ("mailer: delivery", ("mailer/delivery.py",)),
+    ("mailer: delivery", ("mailer/delivery/",)),
     ("mailer: smtp pool", ("mailer/smtp.py",)),
     ("mailer: other", ("mailer/",)),
     ("asyncio / uvloop event loop", ("asyncio/", "uvloop/")),
@@ -172,6 +172,6 @@ def summary_rows(prof: Profile, top: int = 15) -> dict[str, list[tuple[str, floa
         "inclusive": [
             (k, prof.share(v))
             for k, v in prof.inclusive.most_common()
-            if "(mailer/" in k and "(mailer/cli.py)" not in k
+            if "(mailer/" in k and "(mailer/cli/" not in k
         ][:top],
     }

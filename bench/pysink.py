@@ -1,8 +1,9 @@
 """A Python SMTP sink (aiosmtpd) for when Postfix's smtp-sink is not installed.
 
 It accepts every message and prints ``mesg=N`` and a carriage return after each, like
-``smtp-sink -c``. aiosmtpd caps any sender near 1,450 messages/s (FIELD-NOTES), so
-figures measured against it only prove that the harness works, not how fast mailer is.
+``smtp-sink -c``. aiosmtpd caps any sender near 1,450 messages/s
+(docs/design.md#costs-that-shaped-the-design), so figures measured against it only
+prove that the harness works, not how fast mailer is.
 
     python bench/pysink.py HOST PORT
 """

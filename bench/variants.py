@@ -15,7 +15,7 @@ run. Variants that no longer apply to the current code say so and exit 3.
 - ``bigpool``: engine pool_size 40 (a web process with more concurrent requests than
   pool_size + max_overflow opens and closes connections all the time).
 - ``norecheck``: the per-group "still subscribed?" query answered from the chunk's bulk
-  read (measures what the re-check costs; not a proposal to drop invariant 3).
+  read (measures what the re-check costs; not a proposal to drop docs/design.md, invariant 3).
 - ``flush100``: the recorder writes outcomes every 100 messages instead of 20.
 - ``noconvoy``: a lane that waited for the recorder's lock flushes only if still due
   (in mailer since 22cd062).

@@ -165,6 +165,7 @@ def publish(
 
     from pydantic import ValidationError
 
+    from mailer.errors import one_line
     from mailer.statements import parse_markdown_file
 
     if at is not None and not blast:
@@ -185,9 +186,8 @@ def publish(
         data = parse_markdown_file(text).validate()
     except ValueError as exc:
         if isinstance(exc, ValidationError):
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ()))
-            fail(f"{file}: {where}: {first.get('msg')}")
+            # pydantic's own words, "Value error, " included, as this command always printed.
+            fail(f"{file}: {one_line(exc, first=True, raw=True)}")
         fail(f"{file}: {exc}")
 
     async def _publish() -> tuple[int, int | None, str | None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +17,8 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from mailer.errors import one_line
 
 ROOT = Path(__file__).resolve().parent.parent
 DEV_SECRET = "dev-only-secret-key-do-not-use-in-production"  # noqa: S105
@@ -203,13 +206,10 @@ class SettingsError(SystemExit):
     """A configuration problem, reported in one line."""
 
 
-def _describe(error: ValidationError) -> str:
-    first = error.errors()[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "__root__"]
-    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    if loc:
-        return f"MAILER_{loc[0].upper()}: {msg}"
-    return msg
+def _variable(loc: Sequence[str]) -> str:
+    """The environment variable a settings error is about ("" for the model as a whole)."""
+    fields = [part for part in loc if part != "__root__"]
+    return f"MAILER_{fields[0].upper()}" if fields else ""
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -217,7 +217,9 @@ def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        raise SettingsError(f"configuration error: {_describe(exc)}") from None
+        raise SettingsError(
+            f"configuration error: {one_line(exc, first=True, where=_variable)}"
+        ) from None
 
 
 @functools.cache

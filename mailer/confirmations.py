@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from mailer.errors import MailerError
 from mailer.models import Subscriber, SubscriberEvent, SubscriberStatus
 from mailer.render import Renderer
 from mailer.runtime import Runtime
@@ -17,7 +18,7 @@ from mailer.subscriptions import mark_bounced
 log = logging.getLogger("mailer.confirmations")
 
 
-class RetryLater(Exception):
+class RetryLater(MailerError):
     """A transient failure: the queue should run the job again after a backoff."""
 
 

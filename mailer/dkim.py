@@ -12,6 +12,7 @@ from __future__ import annotations
 import dkim
 
 from mailer.config import Settings
+from mailer.errors import MailerError
 
 SIGNED_HEADERS = [
     b"from",
@@ -28,7 +29,7 @@ SIGNED_HEADERS = [
 ]
 
 
-class DkimConfigError(Exception):
+class DkimConfigError(MailerError):
     """The DKIM settings are incomplete or the key cannot be read."""
 
 

@@ -18,11 +18,12 @@ import aiosmtplib
 
 from mailer.config import Settings, SmtpSecurity
 from mailer.dkim import DkimSigner
+from mailer.errors import MailerError
 
 # Errors ---------------------------------------------------------------------
 
 
-class SendError(Exception):
+class SendError(MailerError):
     """A message that was not accepted; carries the SMTP code (None: no reply at all)."""
 
     def __init__(self, code: int | None, message: str, recipient: str | None = None) -> None:
@@ -50,7 +51,7 @@ class PolicyError(SendError):
     """The receiver refuses *us* (5.7.x, 554): pause and alert, don't blame the recipient."""
 
 
-class SmtpConfigError(Exception):
+class SmtpConfigError(MailerError):
     """The relay cannot be used at all (TLS verification, authentication): not a retry."""
 
 
@@ -67,7 +68,7 @@ class Verdict(StrEnum):
 _ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 # (reply code prefix or None, enhanced status prefix or None, verdict); first match wins.
-# RFC 5321 / RFC 3463; see FIELD-NOTES "SMTP replies".
+# RFC 5321 / RFC 3463; see docs/design.md#smtp-reply-classes.
 RULES: list[tuple[str | None, str | None, Verdict]] = [
     ("4", None, Verdict.retry),
     ("552", "5.5.3", Verdict.retry),  # "too many recipients" is really a 452

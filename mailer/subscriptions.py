@@ -2,7 +2,8 @@
 
 Every transition is a single short transaction that also appends an event, so
 ``subscriber_events`` is the proof of consent and of every opt-out. Replies to
-the visitor never reveal whether an address was already known (invariant 8).
+the visitor never reveal whether an address was already known
+(docs/design.md, invariant 8).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from email_validator import EmailNotValidError, validate_email
+from sqlalchemy import func, or_, select, update
 from sqlalchemy import insert as core_insert
-from sqlalchemy import or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -236,3 +237,31 @@ async def mark_bounced(
         SubscriberEvent(subscriber_id=sid, kind="bounced", detail=detail[:500])
         for sid in subscriber_ids
     )
+
+
+async def search(
+    session: AsyncSession,
+    *,
+    status: str | None = None,
+    contains: str = "",
+    limit: int,
+    offset: int = 0,
+    newest_first: bool = False,
+) -> tuple[int, list[Subscriber]]:
+    """One page of subscribers, and how many match in all: the API's and the admin's search.
+
+    ``contains`` is matched literally (``%`` and ``_`` are escaped) against the stored,
+    lower-case address, so callers pass it lower-cased.
+    """
+    query = select(Subscriber)
+    count = select(func.count()).select_from(Subscriber)
+    if status:
+        query = query.where(Subscriber.status == status)
+        count = count.where(Subscriber.status == status)
+    if contains:
+        query = query.where(Subscriber.email.contains(contains, autoescape=True))
+        count = count.where(Subscriber.email.contains(contains, autoescape=True))
+    order = Subscriber.id.desc() if newest_first else Subscriber.id
+    total = int(await session.scalar(count) or 0)
+    rows = list(await session.scalars(query.order_by(order).limit(limit).offset(offset)))
+    return total, rows

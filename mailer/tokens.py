@@ -15,13 +15,15 @@ from enum import StrEnum
 
 from itsdangerous import BadData, SignatureExpired, URLSafeSerializer, URLSafeTimedSerializer
 
+from mailer.errors import MailerError
+
 
 class Purpose(StrEnum):
     confirm = "confirm"
     unsubscribe = "unsubscribe"
 
 
-class TokenError(Exception):
+class TokenError(MailerError):
     """A token that cannot be used; ``reason`` is safe to show to the visitor."""
 
     def __init__(self, reason: str, *, expired: bool = False) -> None:

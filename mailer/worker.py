@@ -19,7 +19,7 @@ from typing import Any
 
 from arq import Retry, cron
 from arq.connections import RedisSettings
-from arq.worker import Function, func
+from arq.worker import Function, Worker, func
 
 from mailer import blasts, confirmations, reconcile
 from mailer.backoff import retry_delay
@@ -190,3 +190,9 @@ def worker_settings(settings: Settings, **overrides: Any) -> dict[str, Any]:
     }
     values.update(overrides)
     return values
+
+
+def make_worker(settings: Settings, **overrides: Any) -> Any:
+    """An ``arq.Worker`` with these settings: ``mailer worker`` runs it, ``mailer dev``
+    runs one inside its own event loop (``handle_signals=False``)."""
+    return Worker(**worker_settings(settings, **overrides))

@@ -22,6 +22,7 @@ from rich.text import Text
 
 from mailer.blasts import Progress
 from mailer.config import Settings
+from mailer.errors import MailerError
 from mailer.ops.figures import Figures, active_blasts, gather
 from mailer.queue import Queue
 from mailer.runtime import Runtime
@@ -37,7 +38,7 @@ STATUS_STYLE = {
 }
 
 
-class Unavailable(Exception):
+class Unavailable(MailerError):
     """Redis or the database could not be read; the message names which."""
 
 

@@ -2,102 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from fastapi.routing import APIRoute
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field, field_validator
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from mailer import blasts, statements
-from mailer.editors import authenticate
 from mailer.errors import MailerError
-from mailer.models import Editor, Statement, Subscriber, SubscriberEvent, SubscriberStatus
-from mailer.render import StatementContent, make_message_id
-from mailer.smtp import SendError, SmtpConfigError, SmtpPool
-from mailer.subscriptions import InvalidInput, has_control, normalize_email
+from mailer.models import Subscriber, SubscriberEvent, SubscriberStatus
+from mailer.render import StatementContent
+from mailer.smtp import SmtpConfigError
+from mailer.subscriptions import InvalidInput, has_control, normalize_email, search
 from mailer.web.context import MAX_SQL_INT, AppContext, get_ctx
-from mailer.web.deps import status_for
+from mailer.web.deps import (
+    EDITOR_ERRORS,
+    NOT_FOUND,
+    ApiError,
+    BlastId,
+    EditorDep,
+    EditorRoute,
+    Offset,
+    StatementId,
+    SubscriberId,
+    problem,
+    send_test_copies,
+    status_for,
+)
 
-
-class ApiError(Exception):
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.headers = headers
-
-
-PROBLEM_SCHEMA = {
-    "type": "object",
-    "properties": {"detail": {"type": "string", "description": "what is wrong, in one line"}},
-    "required": ["detail"],
-}
-
-
-def problem(description: str) -> dict[str, Any]:
-    """An error answer for the OpenAPI document: JSON ``{"detail": …}``, also on HTML routes."""
-    return {"description": description, "content": {"application/json": {"schema": PROBLEM_SCHEMA}}}
-
-
-# Declared so the OpenAPI document says how to authenticate; the check itself is below.
-_bearer = HTTPBearer(auto_error=False, description="an editor token from `mailer editors add`")
-
-
-async def _authenticate(request: Request) -> Editor:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "missing bearer token", {"WWW-Authenticate": "Bearer"})
-    ctx = get_ctx(request)
-    async with ctx.runtime.sessions() as session:
-        editor = await authenticate(session, token.strip())
-    if editor is None:
-        raise ApiError(403, "invalid editor token")
-    return editor
-
-
-async def current_editor(
-    request: Request,
-    _declared: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None,
-) -> Editor:
-    """The editor ``_EditorRoute`` already checked (or checked now, for other routers)."""
-    editor = getattr(request.state, "editor", None)
-    return editor if isinstance(editor, Editor) else await _authenticate(request)
-
-
-class _EditorRoute(APIRoute):
-    """Authenticates before FastAPI reads the body: a request without a valid token gets
-    401/403 whatever it carries, and nothing it sent is parsed."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def run(request: Request) -> Response:
-            request.state.editor = await _authenticate(request)
-            return await handler(request)
-
-        return run
-
-
-EditorDep = Annotated[Editor, Depends(current_editor)]
-EDITOR_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: problem("no bearer token"),
-    403: problem("the token is not a valid editor token"),
-    413: problem("the request body is larger than MAILER_MAX_BODY_BYTES"),
-    422: problem("invalid input; the detail names the field and the problem"),
-}
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: problem("no such record")}
-# Path ids and offsets beyond what SQL can hold are refused as input, never passed on.
-StatementId = Annotated[int, Path(ge=1, le=MAX_SQL_INT)]
-BlastId = Annotated[int, Path(ge=1, le=MAX_SQL_INT)]
-SubscriberId = Annotated[int, Path(ge=1, le=MAX_SQL_INT)]
-Offset = Annotated[int, Query(ge=0, le=MAX_SQL_INT)]
-router = APIRouter(prefix="/api", responses=EDITOR_ERRORS, route_class=_EditorRoute)
+router = APIRouter(prefix="/api", responses=EDITOR_ERRORS, route_class=EditorRoute)
 
 
 def _statement_json(s: Any) -> dict[str, Any]:
@@ -170,38 +105,6 @@ async def send_test(
     except SmtpConfigError as exc:
         raise ApiError(502, f"SMTP relay unusable: {exc}") from None
     return {"statement_id": statement_id, "results": results}
-
-
-async def send_test_copies(
-    ctx: AppContext, statement: Statement, recipients: list[str]
-) -> dict[str, str]:
-    """Shared by the API and the admin UI, so a test copy is the same message either way.
-
-    Sent at once on a private connection, bypassing queue and throttle: an editor is
-    waiting for it. A refused address is a result; SmtpConfigError means the relay
-    itself is unusable. ``recipients`` must already be normalized.
-    """
-    settings = ctx.runtime.settings
-    compiled = ctx.renderer.compile_statement(
-        StatementContent.from_model(statement), blast_id=None, test=True
-    )
-    pool = SmtpPool(settings, size=1)
-    results: dict[str, str] = {}
-    try:
-        for to in recipients:
-            data_bytes = compiled.build(
-                to=to,
-                unsubscribe_url=f"{settings.base_url}/unsubscribe/test-copy",
-                message_id=make_message_id(settings, None, None),
-            )
-            try:
-                await pool.send(settings.from_address, to, data_bytes)
-                results[to] = "sent"
-            except SendError as exc:
-                results[to] = f"refused: {exc}"
-    finally:
-        await pool.close()
-    return results
 
 
 class BlastIn(BaseModel):
@@ -303,17 +206,10 @@ async def list_subscribers(
     ctx = get_ctx(request)
     if q and has_control(q):  # PostgreSQL cannot even compare text with a NUL in it
         raise ApiError(422, "query.q: must not contain control characters")
-    query = select(Subscriber)
-    count = select(func.count()).select_from(Subscriber)
-    if status is not None:
-        query = query.where(Subscriber.status == status)
-        count = count.where(Subscriber.status == status)
-    if q:
-        query = query.where(Subscriber.email.contains(q.lower(), autoescape=True))
-        count = count.where(Subscriber.email.contains(q.lower(), autoescape=True))
     async with ctx.runtime.sessions() as session:
-        total = await session.scalar(count)
-        rows = await session.scalars(query.order_by(Subscriber.id).limit(limit).offset(offset))
+        total, rows = await search(
+            session, status=status, contains=(q or "").lower(), limit=limit, offset=offset
+        )
         items = [_subscriber_json(s) for s in rows]
     return {"total": total, "limit": limit, "offset": offset, "items": items}
 

@@ -19,11 +19,13 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mailer.config import Env, Settings
+from mailer.errors import one_line
 from mailer.queue import Queue
 from mailer.render import Renderer
 from mailer.runtime import Runtime
 from mailer.web import admin, api, ops, public
 from mailer.web.context import AppContext
+from mailer.web.deps import ApiError
 from mailer.web.guards import BodyLimit, SecurityHeaders, security_headers
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -57,12 +59,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-            problems.append(f"{where}: {msg}" if where else msg)
-        return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, 422)
+        detail = one_line(exc, where=lambda loc: ".".join(p for p in loc if p != "body"))
+        return JSONResponse({"detail": detail or "invalid request"}, 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -73,8 +71,8 @@ def create_app(settings: Settings) -> FastAPI:
             )
         return await http_exception_handler(request, exc)
 
-    @app.exception_handler(api.ApiError)
-    async def api_error(request: Request, exc: api.ApiError) -> JSONResponse:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, exc.status, headers=exc.headers)
 
     app.include_router(public.router)

@@ -6,8 +6,8 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
 
 from mailer.devsmtp import get_message, list_messages
-from mailer.web.api import problem
 from mailer.web.context import get_ctx
+from mailer.web.deps import problem
 
 router = APIRouter(prefix="/dev")
 

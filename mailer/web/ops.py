@@ -17,8 +17,8 @@ from sqlalchemy import text
 
 from mailer.ops.figures import queue_overview
 from mailer.ops.prometheus import Exporter
-from mailer.web.api import EDITOR_ERRORS, EditorDep
 from mailer.web.context import get_ctx
+from mailer.web.deps import EDITOR_ERRORS, EditorDep
 
 router = APIRouter()
 

@@ -1,0 +1,221 @@
+"""Admin sessions: the signed cookie, the CSRF check, flash messages and page rendering.
+
+Browsers cannot attach a bearer token to a form post, so an editor trades the
+token once for a signed session cookie (HttpOnly, SameSite=Lax, Path=/admin).
+Because a cookie rides along on cross-site posts too, every POST except the
+login carries a CSRF token derived from a secret inside that cookie, and is
+refused before anything is read or written when the token does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
+from itsdangerous import BadData, URLSafeTimedSerializer
+from starlette.datastructures import FormData
+
+from mailer.models import Editor
+from mailer.web.context import AppContext, get_ctx
+
+log = logging.getLogger("mailer.admin")
+
+SESSION_COOKIE = "mailer_admin"
+FLASH_COOKIE = "mailer_admin_flash"
+SESSION_MAX_AGE_S = 12 * 3600
+FLASH_MAX_AGE_S = 120
+CSRF_FIELD = "csrf_token"
+
+
+class Stop(Exception):
+    """Ends a request early with a ready response: the way to log in, or a refusal."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
+class AdminRoute(APIRoute):
+    """Turns ``Stop`` into its response and keeps every admin answer out of caches:
+    pages carry CSRF tokens and subscriber data."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def run(request: Request) -> Response:
+            try:
+                response = await handler(request)
+            except Stop as stop:
+                response = stop.response
+            response.headers.setdefault("Cache-Control", "no-store")
+            return response
+
+        return run
+
+
+def admin_router() -> APIRouter:
+    """A router for one part of the admin UI; ``web/admin/__init__.py`` joins them."""
+    return APIRouter(prefix="/admin", route_class=AdminRoute, include_in_schema=False)
+
+
+@dataclass(frozen=True)
+class AdminSession:
+    editor_id: int
+    editor_name: str
+    csrf_token: str
+
+
+@dataclass(frozen=True)
+class Posted:
+    """A POST that passed the CSRF check, with its form already read."""
+
+    admin: AdminSession
+    form: FormData
+
+    def text(self, name: str) -> str:
+        value = self.form.get(name)
+        return value if isinstance(value, str) else ""
+
+
+def serializer(ctx: AppContext, purpose: str) -> URLSafeTimedSerializer:
+    # signing_keys ends with the current key; older ones still verify (rotation).
+    return URLSafeTimedSerializer(ctx.runtime.settings.signing_keys, salt=f"mailer.admin.{purpose}")
+
+
+def _csrf_token(ctx: AppContext, secret: str) -> str:
+    key = ctx.runtime.settings.signing_keys[-1].encode()
+    return hmac.new(key, b"admin-csrf:" + secret.encode(), hashlib.sha256).hexdigest()
+
+
+def secure_cookies(ctx: AppContext) -> bool:
+    return ctx.runtime.settings.base_url.startswith("https://")
+
+
+def delete_cookie(ctx: AppContext, response: Response, name: str) -> None:
+    """Ends a cookie with the same attributes it was set with (HttpOnly, SameSite, Secure)."""
+    response.delete_cookie(
+        name, path="/admin", httponly=True, samesite="lax", secure=secure_cookies(ctx)
+    )
+
+
+def _to_login(request: Request) -> Response:
+    response = RedirectResponse("/admin/login", 303)
+    if SESSION_COOKIE in request.cookies:
+        delete_cookie(get_ctx(request), response, SESSION_COOKIE)
+    return response
+
+
+async def current_session(request: Request) -> AdminSession | None:
+    ctx = get_ctx(request)
+    raw = request.cookies.get(SESSION_COOKIE)
+    if not raw:
+        return None
+    try:
+        data = serializer(ctx, "session").loads(raw, max_age=SESSION_MAX_AGE_S)
+    except BadData:
+        return None
+    if not isinstance(data, dict):
+        return None
+    editor_id, secret = data.get("e"), data.get("c")
+    if not isinstance(editor_id, int) or not isinstance(secret, str):
+        return None
+    # Looked up every time, so disabling an editor ends their sessions at once.
+    async with ctx.runtime.sessions() as session:
+        editor = await session.get(Editor, editor_id)
+    if editor is None or editor.disabled:
+        return None
+    return AdminSession(editor.id, editor.name, _csrf_token(ctx, secret))
+
+
+async def _signed_in(request: Request) -> AdminSession:
+    admin = await current_session(request)
+    if admin is None:
+        raise Stop(_to_login(request))
+    return admin
+
+
+Signed = Annotated[AdminSession, Depends(_signed_in)]
+
+
+async def _posted(request: Request, admin: Signed) -> Posted:
+    form = await request.form()
+    sent = form.get(CSRF_FIELD)
+    if not isinstance(sent, str):
+        sent = request.headers.get("x-csrf-token", "")
+    if not hmac.compare_digest(sent.encode(), admin.csrf_token.encode()):
+        log.warning(
+            "admin: refused %s %s without a valid CSRF token", request.method, request.url.path
+        )
+        raise Stop(
+            render(
+                request,
+                "error.html",
+                admin,
+                403,
+                heading="This form could not be accepted",
+                message="The form was not sent from this admin page, or the page is too old. "
+                "Go back, reload the page and try again. Nothing was changed.",
+            )
+        )
+    return Posted(admin, form)
+
+
+Post = Annotated[Posted, Depends(_posted)]
+
+
+@dataclass(frozen=True)
+class Flash:
+    kind: str  # "ok" or "error"
+    text: str
+
+
+def _read_flash(request: Request) -> Flash | None:
+    raw = request.cookies.get(FLASH_COOKIE)
+    if not raw:
+        return None
+    try:
+        kind, text = serializer(get_ctx(request), "flash").loads(raw, max_age=FLASH_MAX_AGE_S)
+    except (BadData, ValueError, TypeError):
+        return None
+    return Flash(str(kind), str(text))
+
+
+def redirect(request: Request, url: str, text: str, kind: str = "ok") -> Response:
+    """Post/redirect/get: the message survives the redirect in a signed, short-lived cookie."""
+    ctx = get_ctx(request)
+    response = RedirectResponse(url, 303)
+    value = serializer(ctx, "flash").dumps([kind, text[:1500]])
+    response.set_cookie(
+        FLASH_COOKIE,
+        value,
+        max_age=FLASH_MAX_AGE_S,
+        path="/admin",
+        httponly=True,
+        samesite="lax",
+        secure=secure_cookies(ctx),
+    )
+    return response
+
+
+def render(
+    request: Request,
+    name: str,
+    admin: AdminSession | None,
+    status: int = 200,
+    flash: Flash | None = None,
+    **values: Any,
+) -> HTMLResponse:
+    ctx = get_ctx(request)
+    shown = flash or _read_flash(request)
+    context = {"admin": admin, "flash": shown, "csrf_field": CSRF_FIELD, **values}
+    response = ctx.templates.TemplateResponse(request, f"admin/{name}", context, status_code=status)
+    if FLASH_COOKIE in request.cookies:
+        delete_cookie(ctx, response, FLASH_COOKIE)
+    return response
