@@ -1,0 +1,123 @@
+"""``mailer dev``: web, worker and an SMTP catcher in one process, on embedded defaults."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from mailer.cli.common import add_commands, fail, run, settings_or_exit, use_uvloop
+from mailer.config import Settings
+from mailer.logs import setup_logging
+
+commands = typer.Typer()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_private_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        fail(
+            "no Redis: set MAILER_REDIS_URL=redis://HOST:PORT/0, or install redis-server "
+            "(Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis)"
+        )
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, url
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    fail("the private redis-server did not start")
+
+
+@commands.command()
+def dev(
+    host: str = typer.Option("127.0.0.1", help="Address for the web server."),
+    port: int = typer.Option(8000, help="Port for the web server."),
+) -> None:
+    """Everything in one process: web, worker, and an SMTP catcher with an inbox page."""
+    os.environ.setdefault("MAILER_ENV", "dev")
+    base = load_settings_quietly()
+    overrides: dict[str, Any] = {}
+    if "MAILER_BASE_URL" not in os.environ:
+        overrides["base_url"] = f"http://{host}:{port}"
+    redis_proc = None
+    if "MAILER_REDIS_URL" not in os.environ:
+        workdir = Path(tempfile.mkdtemp(prefix="mailer-redis-"))
+        redis_proc, overrides["redis_url"] = _start_private_redis(workdir)
+    catcher = None
+    if "MAILER_SMTP_HOST" not in os.environ:
+        from mailer.devsmtp import DevSmtp
+
+        smtp_port = free_port()
+        catcher = DevSmtp(base.dev_inbox_dir, smtp_port)
+        catcher.start()
+        overrides.update(smtp_host="127.0.0.1", smtp_port=smtp_port)
+    settings = base.model_copy(update=overrides)
+    setup_logging(settings.log_format)
+    try:
+        from mailer.migrate import upgrade_url
+
+        upgrade_url(settings.database_url)
+        typer.echo(f"mailer dev: sign-up form  {settings.base_url}/subscribe")
+        typer.echo(f"mailer dev: dev inbox     {settings.base_url}/dev/inbox")
+        typer.echo(f"mailer dev: admin         {settings.base_url}/admin")
+        typer.echo(f"mailer dev: redis {settings.redis_url}, database {settings.database_url}")
+        sys.stdout.flush()
+        use_uvloop()
+        run(_dev_main(settings, host, port))
+    finally:
+        if catcher is not None:
+            catcher.stop()
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(10)
+
+
+def load_settings_quietly() -> Settings:
+    return settings_or_exit()
+
+
+async def _dev_main(settings: Settings, host: str, port: int) -> None:
+    import uvicorn
+
+    from mailer.web.app import create_app
+    from mailer.worker import make_worker
+
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host=host, port=port, log_config=None)
+    )
+    arq_worker = make_worker(settings, handle_signals=False)
+    worker_task = asyncio.create_task(arq_worker.async_run())
+    try:
+        await server.serve()
+    finally:
+        worker_task.cancel()
+        await arq_worker.close()
+
+
+def register(app: typer.Typer) -> None:
+    add_commands(app, commands)
