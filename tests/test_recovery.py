@@ -1,4 +1,4 @@
-"""Invariants 1 and 2: SQL is the truth. Kill workers, flush Redis: nobody is skipped."""
+"""docs/design.md, invariants 1 and 2: SQL is the truth. Kill workers, flush Redis: nobody is skipped."""
 
 from __future__ import annotations
 
