@@ -1,4 +1,5 @@
-"""docs/design.md, invariants 1 and 2: SQL is the truth. Kill workers, flush Redis: nobody is skipped."""
+"""SQL is the truth (docs/design.md, invariants 1 and 2): kill workers, flush Redis, nobody
+is skipped."""
 
 from __future__ import annotations
 
