@@ -25,7 +25,7 @@ ENV_EXAMPLE = ROOT / ".env.example"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
 
-SERVICES = ("redis", "postgres", "mailpit", "migrate", "web", "worker", "prometheus")
+SERVICES = ("redis", "postgres", "mailpit", "migrate", "web", "worker", "prometheus", "grafana")
 MAILER_ROLES = ("migrate", "web", "worker")
 SETTING_NAMES = {f"MAILER_{name.upper()}" for name in Settings.model_fields}
 
