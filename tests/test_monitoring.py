@@ -218,6 +218,15 @@ def test_dashboard_shows_what_ops_watch() -> None:
     shown = panels()
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids))
+    cells = [
+        (p["title"], x, y)
+        for p in board["panels"]
+        for x in range(p["gridPos"]["x"], p["gridPos"]["x"] + p["gridPos"]["w"])
+        for y in range(p["gridPos"]["y"], p["gridPos"]["y"] + p["gridPos"]["h"])
+    ]
+    assert all(x < 24 for _, x, _ in cells), "Grafana's grid is 24 columns wide"
+    taken = [(x, y) for _, x, y in cells]
+    assert len(taken) == len(set(taken)), "panels overlap"
     [datasource] = load_yaml(DATASOURCES)["datasources"]
     for panel in shown:
         assert panel["targets"], panel["title"]
