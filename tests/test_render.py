@@ -49,6 +49,7 @@ def make_settings(**overrides: Any) -> Settings:
         "from_address": "updates@example.org",
         "from_name": "Campaign updates",
         "feedback_id": "statement:mailer:newsl1",
+        "secret_key": "render-test-secret-key-0123456789abcdef",
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)
