@@ -19,6 +19,7 @@ from pathlib import Path
 from sqlalchemy.exc import IntegrityError
 
 from mailer.config import Settings
+from mailer.csvsafe import restore
 from mailer.import_merge import apply_chunk
 from mailer.import_rows import EmailNormalizer, ImportOptions, Row, parse_row
 from mailer.runtime import Runtime
@@ -143,7 +144,8 @@ def _bad_utf8_line(path: Path) -> int:
 def _getter(header: dict[str, int], record: list[str]) -> Callable[[str], str]:
     def get(column: str) -> str:
         i = header.get(column)
-        return record[i] if i is not None and i < len(record) else ""
+        # restore(): our export's guard against spreadsheet formulas, taken off again.
+        return restore(record[i]) if i is not None and i < len(record) else ""
 
     return get
 

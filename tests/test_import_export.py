@@ -312,6 +312,8 @@ def settings_env_defaults(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
     env["MAILER_DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path / 'never.db'}"
     env["MAILER_QUEUE_NAME"] = f"test-{uuid.uuid4().hex[:10]}"
+    env["MAILER_SECRET_KEY"] = "import-test-secret-key-0123456789abcdef"
+    env["MAILER_BASE_URL"] = "https://updates.example.org"
     return env
 
 
