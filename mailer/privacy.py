@@ -106,6 +106,7 @@ async def export_subscriber(session: AsyncSession, subscriber_id: int) -> dict[s
         "unsubscribed_at": _iso(sub.unsubscribed_at),
         "bounced_at": _iso(sub.bounced_at),
         "confirm_sent_at": _iso(sub.confirm_sent_at),
+        "resubscribe_requested_at": _iso(sub.resubscribe_requested_at),
         "consent": {
             "at": _iso(sub.consent_at),
             "ip": sub.consent_ip,

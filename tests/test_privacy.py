@@ -177,7 +177,7 @@ async def test_erased_address_is_refused_by_imports_also_after_key_rotation(
 
 
 def test_hash_is_keyed_normalized_and_follows_rotation() -> None:
-    old_key, new_key = "old-secret-key-0123456789abcdef", "new-secret-key-0123456789abcdef"
+    old_key, new_key = "old-secret-key-0123456789abcdef-1", "new-secret-key-0123456789abcdef-2"
     old = load_settings(secret_key=old_key, base_url="https://updates.example.org")
     new = load_settings(
         secret_key=new_key, old_secret_keys=old_key, base_url="https://updates.example.org"
