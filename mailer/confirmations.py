@@ -34,11 +34,9 @@ async def send(runtime: Runtime, smtp: SmtpPool, renderer: Renderer, subscriber_
         sub = await session.get(Subscriber, subscriber_id)
         if sub is None or not awaits_confirmation(sub):
             return "not pending"
-        email, name = sub.email, sub.name
+        email = sub.email  # the name stays out: a stranger may have typed it
     try:
-        data = renderer.confirmation(
-            to=email, name=name, confirm_url=runtime.confirm_url(subscriber_id)
-        )
+        data = renderer.confirmation(to=email, confirm_url=runtime.confirm_url(subscriber_id))
     except ValueError as exc:  # a stored value that cannot go on the wire safely
         async with runtime.sessions() as session:
             session.add(

@@ -63,6 +63,23 @@ def normalize_email(raw: object) -> str:
     return address
 
 
+GMAIL_DOMAINS = ("gmail.com", "googlemail.com")
+
+
+def canonical_address(email: str) -> str:
+    """The mailbox an address reaches, for limits that a spelling must not get around.
+
+    Lower case, the ``+tag`` dropped (most providers deliver ``a+x@`` to ``a@``), and for
+    Gmail the dots too (``a.b@gmail.com`` is ``ab@gmail.com``; googlemail.com is the same
+    service). Only ever a key for counting: mail still goes to the address as given.
+    """
+    local, _, domain = email.lower().rpartition("@")
+    local = local.partition("+")[0] or local
+    if domain in GMAIL_DOMAINS:
+        local, domain = local.replace(".", "") or local, GMAIL_DOMAINS[0]
+    return f"{local}@{domain}"
+
+
 def normalize_name(raw: object) -> str | None:
     if raw is None:
         return None
