@@ -37,7 +37,7 @@ tools:
 dev: install
 	@if redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then \
 	  export MAILER_REDIS_URL=$${MAILER_REDIS_URL:-redis://127.0.0.1:6379/0}; fi; \
-	MAILER_ENV=dev $(BIN)/mailer dev
+	$(BIN)/mailer dev
 
 ## Set everything up and run the whole suite (lint, types, tests on SQLite and PostgreSQL).
 test: install services browser tools lint typecheck

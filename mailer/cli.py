@@ -20,7 +20,13 @@ from typing import Any, NoReturn, TypeVar
 
 import typer
 
-from mailer.config import Settings, SettingsError, load_settings
+from mailer.config import (
+    Settings,
+    SettingsError,
+    load_dev_settings,
+    load_settings,
+    refuse_dev_key,
+)
 from mailer.logs import setup_logging
 
 app = typer.Typer(help="mailer: newsletters with double opt-in and one-click unsubscribe.")
@@ -38,8 +44,9 @@ def fail(message: str) -> NoReturn:
 
 
 def settings_or_exit(**overrides: Any) -> Settings:
+    """Every command but `mailer dev`: production unless configured, never the dev key."""
     try:
-        return load_settings(**overrides)
+        return refuse_dev_key(load_settings(**overrides))
     except SettingsError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
@@ -83,7 +90,16 @@ def serve(
     from mailer.web.app import create_app
 
     _use_uvloop()
-    uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
+    # proxy_headers=False: uvicorn would otherwise rewrite the client address from
+    # X-Forwarded-For on its own rule; MAILER_TRUSTED_PROXIES must be the only one.
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+    )
 
 
 @app.command()
@@ -140,7 +156,7 @@ def send_test(address: str) -> None:
         pool = SmtpPool(settings, size=1)
         try:
             data = Renderer(settings).confirmation(
-                to=to, name=None, confirm_url=f"{settings.base_url}/subscribe"
+                to=to, confirm_url=f"{settings.base_url}/subscribe"
             )
             await pool.send(settings.from_address, to, data)
         finally:
@@ -262,8 +278,7 @@ def dev(
     port: int = typer.Option(8000, help="Port for the web server."),
 ) -> None:
     """Everything in one process: web, worker, and an SMTP catcher with an inbox page."""
-    os.environ.setdefault("MAILER_ENV", "dev")
-    base = load_settings_quietly()
+    base = dev_settings()
     overrides: dict[str, Any] = {}
     if "MAILER_BASE_URL" not in os.environ:
         overrides["base_url"] = f"http://{host}:{port}"
@@ -300,8 +315,17 @@ def dev(
             redis_proc.wait(10)
 
 
-def load_settings_quietly() -> Settings:
-    return settings_or_exit()
+def dev_settings() -> Settings:
+    """The one place dev mode is switched on, so `mailer dev` needs no configuration.
+
+    Without MAILER_SECRET_KEY it signs with the built-in key, which no other command
+    accepts (``refuse_dev_key``), so nothing signed here is valid in a real deployment.
+    """
+    try:
+        return load_dev_settings()
+    except SettingsError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
 
 
 async def _dev_main(settings: Settings, host: str, port: int) -> None:
@@ -312,7 +336,9 @@ async def _dev_main(settings: Settings, host: str, port: int) -> None:
     from mailer.worker import worker_settings
 
     server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host=host, port=port, log_config=None)
+        uvicorn.Config(
+            create_app(settings), host=host, port=port, log_config=None, proxy_headers=False
+        )
     )
     arq_worker = Worker(**worker_settings(settings, handle_signals=False))
     worker_task = asyncio.create_task(arq_worker.async_run())

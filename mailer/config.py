@@ -18,7 +18,14 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
+# The key `mailer dev` signs with when none is configured. It is printed in the source, so
+# every other command refuses it (``refuse_dev_key``), wherever it appears (docs/security.md).
 DEV_SECRET = "dev-only-secret-key-do-not-use-in-production"  # noqa: S105
+MIN_SECRET_KEY_CHARS = 32
+# Keys still listed in MAILER_OLD_SECRET_KEYS only verify links already mailed; the old
+# minimum of 16 stays for them so a key rotation never breaks those links (docs/security.md).
+MIN_OLD_SECRET_KEY_CHARS = 16
+GENERATE_KEY_HINT = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
 class Env(StrEnum):
@@ -55,6 +62,16 @@ def parse_networks(entries: tuple[str, ...]) -> tuple[IPNetwork, ...]:
     return tuple(out)
 
 
+def _is_loopback(host: str) -> bool:
+    """The relay is on this machine: credentials in clear never cross a network."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _split_csv(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
@@ -70,7 +87,9 @@ class Settings(BaseSettings):
         env_ignore_empty=True,
     )
 
-    env: Env = Env.dev
+    # Production unless `mailer dev` says otherwise: no configuration must never mean a
+    # known key or relaxed checks (docs/security.md).
+    env: Env = Env.production
     database_url: str = "sqlite+aiosqlite:///./mailer.db"
     redis_url: str = "redis://127.0.0.1:6379/0"
     queue_name: str = Field("mailer", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -115,6 +134,11 @@ class Settings(BaseSettings):
     dkim_key_file: Path | None = None
     feedback_id: str | None = None
     verp_domain: str | None = None
+
+    # Optional bearer token for /metrics; open when unset (docs/deploy.md).
+    metrics_token: SecretStr | None = None
+    # Confirmation mails per recipient domain per hour from the sign-up form; 0 = no cap.
+    confirm_domain_limit_per_hour: int = Field(100, ge=0)
 
     log_format: LogFormat = LogFormat.text
     templates_dir: Path = ROOT / "templates"
@@ -163,13 +187,53 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _key_rules(self) -> Settings:
+        """Checked first, so an unconfigured install fails naming the one thing it needs."""
+        if self.secret_key is None:
+            raise ValueError(
+                f"MAILER_SECRET_KEY: required ({MIN_SECRET_KEY_CHARS}+ random characters; "
+                f"generate one with {GENERATE_KEY_HINT})"
+            )
+        key = self.secret_key.get_secret_value()
+        if key == DEV_SECRET and self.env is not Env.dev:
+            raise ValueError(
+                "MAILER_SECRET_KEY: the built-in development key is published in the source; "
+                f"set your own (generate one with {GENERATE_KEY_HINT})"
+            )
+        if len(key) < MIN_SECRET_KEY_CHARS:
+            raise ValueError(
+                f"MAILER_SECRET_KEY: must be at least {MIN_SECRET_KEY_CHARS} characters "
+                f"(generate one with {GENERATE_KEY_HINT})"
+            )
+        for old in self.old_secret_keys:
+            value = old.get_secret_value()
+            if value == DEV_SECRET:
+                raise ValueError(
+                    "MAILER_OLD_SECRET_KEYS: holds the built-in development key, which anyone "
+                    "can read in the source; remove it"
+                )
+            if len(value) < MIN_OLD_SECRET_KEY_CHARS:
+                raise ValueError(
+                    f"MAILER_OLD_SECRET_KEYS: every key must be at least "
+                    f"{MIN_OLD_SECRET_KEY_CHARS} characters"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _production_rules(self) -> Settings:
         if self.env is Env.production:
-            if self.secret_key is None or len(self.secret_key.get_secret_value()) < 16:
-                raise ValueError("MAILER_SECRET_KEY: required outside dev (at least 16 characters)")
             if not self.base_url.startswith("https://"):
                 raise ValueError(
                     "MAILER_BASE_URL: must be https in production (RFC 8058 one-click)"
+                )
+            if (
+                self.smtp_security is SmtpSecurity.none
+                and (self.smtp_username or self.smtp_password)
+                and not _is_loopback(self.smtp_host)
+            ):
+                raise ValueError(
+                    "MAILER_SMTP_SECURITY: none would send MAILER_SMTP_USERNAME/PASSWORD in "
+                    "clear text to a relay on the network; use starttls or tls"
                 )
         return self
 
@@ -178,7 +242,8 @@ class Settings(BaseSettings):
     @property
     def signing_keys(self) -> list[str]:
         """Old keys first, current key last: itsdangerous signs with the last one."""
-        current = self.secret_key.get_secret_value() if self.secret_key else DEV_SECRET
+        assert self.secret_key is not None  # required by _key_rules
+        current = self.secret_key.get_secret_value()
         return [k.get_secret_value() for k in self.old_secret_keys] + [current]
 
     @property
@@ -214,12 +279,42 @@ def _describe(error: ValidationError) -> str:
 
 def load_settings(**overrides: object) -> Settings:
     """Build Settings, turning a validation error into a one-line SystemExit."""
+    return load_settings_of(Settings, **overrides)
+
+
+def load_settings_of(cls: type[Settings], **overrides: object) -> Settings:
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return cls(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise SettingsError(f"configuration error: {_describe(exc)}") from None
 
 
+def refuse_dev_key(settings: Settings) -> Settings:
+    """Every entry point but `mailer dev` goes through this: the published key never signs.
+
+    Settings alone accept the built-in key with ``env=dev`` (that is how `mailer dev`
+    runs); ``MAILER_ENV=dev mailer serve`` must still not sign with it.
+    """
+    if DEV_SECRET in settings.signing_keys:
+        raise SettingsError(
+            "configuration error: MAILER_SECRET_KEY: the built-in development key works only "
+            f"under `mailer dev`; set your own (generate one with {GENERATE_KEY_HINT})"
+        )
+    return settings
+
+
+class _DevSettings(Settings):
+    """Settings whose *default* key is the built-in one: a configured key still wins."""
+
+    secret_key: SecretStr | None = SecretStr(DEV_SECRET)
+
+
+def load_dev_settings() -> Settings:
+    """`mailer dev` only: dev mode whatever MAILER_ENV says, and the dev key if none is set."""
+    return load_settings_of(_DevSettings, env=Env.dev)
+
+
 @functools.cache
 def get_settings() -> Settings:
-    return load_settings()
+    """The settings of a long-running process (the arq entry point): never the dev key."""
+    return refuse_dev_key(load_settings())

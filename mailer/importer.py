@@ -4,7 +4,8 @@ The file is checked as a whole first (size, UTF-8), so a broken file writes
 nothing. Then rows go to SQL in chunks, one transaction each: a crash leaves
 whole chunks, and running the same file again finds those rows existing and
 changes nothing. An import only ever adds consent, never removes it: an
-address that left (or was erased) is not brought back by an old list.
+address that left (or was erased) is not brought back by an old list; the report
+counts those rows as "left" (docs/security.md).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from sqlalchemy.exc import IntegrityError
 
 from mailer.config import Settings
+from mailer.csvsafe import restore
 from mailer.import_merge import apply_chunk
 from mailer.import_rows import EmailNormalizer, ImportOptions, Row, parse_row
 from mailer.runtime import Runtime
@@ -44,6 +46,8 @@ class Report:
     duplicates: int = 0
     existing: int = 0
     suppressed: int = 0
+    # Rows of people who left (unsubscribed, bounced, erased): never made confirmed.
+    left: int = 0
     bad: int = 0
     queued: int = 0
     dry_run: bool = False
@@ -53,7 +57,7 @@ class Report:
     def merge(self, other: Report) -> None:
         """Add the counts of one chunk, once its transaction committed."""
         for name in ("read", "imported", "updated", "duplicates", "existing", "suppressed",
-                     "bad", "queued"):  # fmt: skip
+                     "left", "bad", "queued"):  # fmt: skip
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for line, message in other.notes:
             self.note(line, message)
@@ -68,7 +72,7 @@ class Report:
     @property
     def balanced(self) -> bool:
         parts = self.imported + self.updated + self.duplicates + self.existing
-        return parts + self.suppressed + self.bad == self.read
+        return parts + self.suppressed + self.left + self.bad == self.read
 
     def lines(self) -> list[str]:
         out = [f"line {line}: {message}" for line, message in sorted(self.notes)]
@@ -83,6 +87,7 @@ class Report:
             f"duplicates merged: {self.duplicates}",
             f"skipped existing: {self.existing}",
             f"suppressed: {self.suppressed}",
+            f"left earlier (not brought back): {self.left}",
             f"bad: {self.bad}",
             f"confirmation mails queued: {self.queued}",
         ]
@@ -143,7 +148,8 @@ def _bad_utf8_line(path: Path) -> int:
 def _getter(header: dict[str, int], record: list[str]) -> Callable[[str], str]:
     def get(column: str) -> str:
         i = header.get(column)
-        return record[i] if i is not None and i < len(record) else ""
+        # restore(): our export's guard against spreadsheet formulas, taken off again.
+        return restore(record[i]) if i is not None and i < len(record) else ""
 
     return get
 

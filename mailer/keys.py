@@ -14,6 +14,15 @@ class Keys:
     def subscribe_ip(self, ip: str, window: int) -> str:
         return f"{self.queue}:ratelimit:subscribe:{ip}:{window}"
 
+    def confirm_cooldown(self, address_digest: str) -> str:
+        """Set while a confirmation mail to one canonical address is recent (a hash, not
+        the address: Redis never holds who signed up)."""
+        return f"{self.queue}:ratelimit:confirm:address:{address_digest}"
+
+    def confirm_domain(self, domain: str, hour: int) -> str:
+        """Confirmation mails from the sign-up form to one recipient domain in one hour."""
+        return f"{self.queue}:ratelimit:confirm:domain:{domain}:{hour}"
+
     @property
     def throttle_global(self) -> str:
         return f"{self.queue}:throttle:global"

@@ -79,6 +79,9 @@ class Subscriber(Base):
     unsubscribed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     bounced_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     confirm_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Someone posted this unsubscribed/bounced address to the sign-up form: the row keeps
+    # its status until a confirmation link mailed after this is clicked (docs/security.md).
+    resubscribe_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Consent record: who confirmed, from where, through what.
     consent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     consent_ip: Mapped[str | None] = mapped_column(String(64))

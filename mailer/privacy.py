@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -106,6 +107,7 @@ async def export_subscriber(session: AsyncSession, subscriber_id: int) -> dict[s
         "unsubscribed_at": _iso(sub.unsubscribed_at),
         "bounced_at": _iso(sub.bounced_at),
         "confirm_sent_at": _iso(sub.confirm_sent_at),
+        "resubscribe_requested_at": _iso(sub.resubscribe_requested_at),
         "consent": {
             "at": _iso(sub.consent_at),
             "ip": sub.consent_ip,
@@ -136,6 +138,26 @@ async def export_subscriber(session: AsyncSession, subscriber_id: int) -> dict[s
     }
 
 
+ERASED = "[erased address]"
+
+
+async def _scrub_blast_reasons(session: AsyncSession, email: str) -> None:
+    """The address out of ``blasts.reason`` in any letter case: relays echo addresses as
+    they like (``<Erase.Me@EXAMPLE.org>``), and SQL's REPLACE matches case only."""
+    found = await session.execute(
+        select(Blast.id, Blast.reason).where(
+            func.lower(Blast.reason).contains(email.lower(), autoescape=True)
+        )
+    )
+    pattern = re.compile(re.escape(email), re.IGNORECASE)
+    for blast_id, reason in found.all():
+        await session.execute(
+            update(Blast)
+            .where(Blast.id == blast_id)
+            .values(reason=pattern.sub(ERASED, reason or ""))
+        )
+
+
 async def erase_subscriber(session: AsyncSession, settings: Settings, subscriber_id: int) -> bool:
     """Erase one subscriber's personal data in one transaction (commits); False if unknown.
 
@@ -157,11 +179,7 @@ async def erase_subscriber(session: AsyncSession, settings: Settings, subscriber
         .where(Delivery.subscriber_id == subscriber_id)
         .values(subscriber_id=None, last_error=None)
     )
-    await session.execute(
-        update(Blast)
-        .where(Blast.reason.contains(email, autoescape=True))
-        .values(reason=func.replace(Blast.reason, email, "[erased address]"))
-    )
+    await _scrub_blast_reasons(session, email)
     await session.execute(delete(Subscriber).where(Subscriber.id == subscriber_id))
     digest = email_hash(settings, email)
     exists = await session.scalar(select(Suppression.id).where(Suppression.email_hash == digest))

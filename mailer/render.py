@@ -354,13 +354,17 @@ class Renderer:
         _, html = self._segments(content)
         return str(escape(PREVIEW_UNSUBSCRIBE_URL)).join(html)
 
-    def confirmation(self, *, to: str, name: str | None, confirm_url: str) -> bytes:
-        """The double opt-in mail: transactional, so no List-Unsubscribe and no List-Id."""
+    def confirmation(self, *, to: str, confirm_url: str) -> bytes:
+        """The double opt-in mail: transactional, so no List-Unsubscribe and no List-Id.
+
+        It holds nothing the visitor typed but the address: anyone can fill in the form,
+        and a free-text name in the greeting or in ``To`` would let a stranger mail their
+        own words from our authenticated domain to any inbox (docs/security.md).
+        """
         _check(_ADDRESS, to, "recipient address")
         _check(_URL, confirm_url, "confirmation URL")
         s = self.settings
         context = {
-            "name": clean_header_text(name or ""),
             "confirm_url": confirm_url,
             "list_name": s.list_name,
             "site_host": s.public_host,
@@ -372,7 +376,7 @@ class Renderer:
         return b"".join(
             (
                 self._from,
-                b"To: " + _mailbox(name, to) + CRLF,
+                b"To: " + _mailbox(None, to) + CRLF,
                 _unstructured("Subject", f"Confirm your subscription to {s.list_name}"),
                 b"Date: " + _date(int(time.time())) + CRLF,
                 b"Message-ID: " + make_message_id(s, None, None).encode() + CRLF,

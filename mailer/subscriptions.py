@@ -3,6 +3,9 @@
 Every transition is a single short transaction that also appends an event, so
 ``subscriber_events`` is the proof of consent and of every opt-out. Replies to
 the visitor never reveal whether an address was already known (invariant 8).
+Who left stays gone: a sign-up of an unsubscribed or bounced address only records
+the request beside the row, and nothing but a click on a confirmation link mailed
+after the latest unsubscribe or bounce brings the person back (docs/security.md).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from mailer.tokens import ConfirmClaim, TokenError
 
 MAX_EMAIL_LENGTH = 254
 MAX_NAME_LENGTH = 200
+LEFT = (SubscriberStatus.unsubscribed, SubscriberStatus.bounced)
 
 
 class InvalidInput(ValueError):
@@ -57,6 +61,23 @@ def normalize_email(raw: object) -> str:
     if len(address) > MAX_EMAIL_LENGTH:
         raise InvalidInput("email", f"is longer than {MAX_EMAIL_LENGTH} characters")
     return address
+
+
+GMAIL_DOMAINS = ("gmail.com", "googlemail.com")
+
+
+def canonical_address(email: str) -> str:
+    """The mailbox an address reaches, for limits that a spelling must not get around.
+
+    Lower case, the ``+tag`` dropped (most providers deliver ``a+x@`` to ``a@``), and for
+    Gmail the dots too (``a.b@gmail.com`` is ``ab@gmail.com``; googlemail.com is the same
+    service). Only ever a key for counting: mail still goes to the address as given.
+    """
+    local, _, domain = email.lower().rpartition("@")
+    local = local.partition("+")[0] or local
+    if domain in GMAIL_DOMAINS:
+        local, domain = local.replace(".", "") or local, GMAIL_DOMAINS[0]
+    return f"{local}@{domain}"
 
 
 def normalize_name(raw: object) -> str | None:
@@ -165,12 +186,12 @@ async def _subscribe_once(
         session.add(origin.event(sub.id, "signup_repeat", "already confirmed"))
         await session.commit()
         return None
-    elif sub.status in (SubscriberStatus.unsubscribed, SubscriberStatus.bounced):
-        previous = sub.status
-        sub.status = SubscriberStatus.pending
-        if name:
-            sub.name = name
-        session.add(origin.event(sub.id, "signup", f"again after {previous}"))
+    elif sub.status in LEFT:
+        # Anyone can type an address: the row stays as its owner left it (and keeps its
+        # name); the request waits for the owner's own click on the mailed link.
+        sub.resubscribe_requested_at = now
+        detail = f"again after {sub.status}; stays {sub.status} until confirmed"
+        session.add(origin.event(sub.id, "signup", detail))
     else:
         session.add(origin.event(sub.id, "signup_repeat", "pending"))
     cutoff = now - timedelta(seconds=resend_after_s)
@@ -185,18 +206,27 @@ async def _subscribe_once(
     return sub_id if claimed.rowcount == 1 else None  # type: ignore[attr-defined]
 
 
+def left_at(sub: Subscriber) -> datetime | None:
+    """When the person last left: the later of their unsubscribe and their bounce."""
+    times = [t for t in (sub.unsubscribed_at, sub.bounced_at) if t is not None]
+    return max(times) if times else None
+
+
 async def confirm(session: AsyncSession, claim: ConfirmClaim, origin: Origin) -> Subscriber:
-    """Confirm (idempotent). A link older than a later unsubscribe or bounce no longer works."""
+    """Confirm (idempotent). A link older than the latest unsubscribe or bounce no longer
+    works, and someone who left comes back only through a re-sign-up's new link."""
     sub = await session.get(Subscriber, claim.subscriber_id, with_for_update=True)
     if sub is None:
         raise TokenError("This confirmation link is not valid.")
     if sub.status == SubscriberStatus.confirmed:
         return sub
-    if sub.status != SubscriberStatus.pending:
-        ended = sub.unsubscribed_at or sub.bounced_at
-        if ended is None or claim.issued_at <= ended.timestamp():
-            raise TokenError("This confirmation link is no longer valid.", expired=True)
+    ended = left_at(sub)
+    if (ended is not None and claim.issued_at <= ended.timestamp()) or (
+        sub.status != SubscriberStatus.pending and sub.resubscribe_requested_at is None
+    ):
+        raise TokenError("This confirmation link is no longer valid.", expired=True)
     now = utcnow()
+    sub.resubscribe_requested_at = None
     sub.status = SubscriberStatus.confirmed
     sub.confirmed_at = now
     sub.consent_at = now
@@ -215,9 +245,11 @@ async def unsubscribe(
     sub = await session.get(Subscriber, subscriber_id, with_for_update=True)
     if sub is None:
         raise TokenError("This unsubscribe link is not valid.")
-    if sub.status != SubscriberStatus.unsubscribed:
+    if sub.status != SubscriberStatus.unsubscribed or sub.resubscribe_requested_at is not None:
+        # Also when a re-sign-up is waiting: leaving again voids the links mailed for it.
         sub.status = SubscriberStatus.unsubscribed
         sub.unsubscribed_at = utcnow()
+        sub.resubscribe_requested_at = None
         session.add(origin.event(sub.id, "unsubscribed", how))
         await session.commit()
     return sub
@@ -233,8 +265,13 @@ async def mark_bounced(
     await session.execute(
         update(Subscriber)
         .where(Subscriber.id.in_(subscriber_ids))
-        .where(Subscriber.status != SubscriberStatus.bounced)
-        .values(status=SubscriberStatus.bounced, bounced_at=when)
+        .where(
+            or_(
+                Subscriber.status != SubscriberStatus.bounced,
+                Subscriber.resubscribe_requested_at.is_not(None),
+            )
+        )
+        .values(status=SubscriberStatus.bounced, bounced_at=when, resubscribe_requested_at=None)
     )
     session.add_all(
         SubscriberEvent(subscriber_id=sid, kind="bounced", detail=detail[:500])

@@ -20,6 +20,7 @@ from mailer.render import StatementContent, make_message_id
 from mailer.smtp import SendError, SmtpConfigError, SmtpPool
 from mailer.subscriptions import InvalidInput, has_control, normalize_email
 from mailer.web.context import MAX_SQL_INT, AppContext, get_ctx
+from mailer.web.guards import SANDBOX_HEADERS
 
 
 class ApiError(Exception):
@@ -143,7 +144,8 @@ async def preview(request: Request, statement_id: StatementId, _: EditorDep) -> 
     ctx = get_ctx(request)
     statement = await _statement_or_404(ctx, statement_id)
     html = ctx.renderer.preview_html(StatementContent.from_model(statement))
-    return HTMLResponse(html)
+    # Mail HTML, sandboxed as in the admin UI: opened directly it must run nothing.
+    return HTMLResponse(html, headers=SANDBOX_HEADERS)
 
 
 class TestSendIn(BaseModel):

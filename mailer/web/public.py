@@ -17,6 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from mailer import subscriptions
 from mailer.models import Subscriber
+from mailer.signup_guard import may_send_confirmation
 from mailer.subscriptions import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH, InvalidInput, Origin
 from mailer.tokens import TokenError
 from mailer.web.context import AppContext, client_ip, get_ctx, rate_limit_key, wants_json
@@ -177,7 +178,7 @@ async def subscribe(request: Request) -> Response:
             sub_id = await subscriptions.subscribe(
                 session, email, name, origin, resend_after_s=settings.confirm_resend_s
             )
-        if sub_id is not None:
+        if sub_id is not None and await may_send_confirmation(ctx.runtime, email):
             job_id = ctx.runtime.keys.confirm_job_id(sub_id, int(time.time()))
             await ctx.queue.confirmation(sub_id, job_id)
 
