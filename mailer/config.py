@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -36,6 +37,9 @@ class LogFormat(StrEnum):
     text = "text"
     json = "json"
 
+
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -116,6 +120,15 @@ class Settings(BaseSettings):
     feedback_id: str | None = None
     verp_domain: str | None = None
 
+    # Bounces and complaints (docs/bounces.md).
+    soft_bounce_limit: int = Field(3, ge=1, le=1000)
+    soft_bounce_window_days: int = Field(14, ge=1, le=3650)
+    bounce_pause_rate: float = Field(0.05, gt=0, le=1)
+    complaint_pause_rate: float = Field(0.003, gt=0, le=1)
+    # Neither rate pauses a blast before this many of its messages were sent: over a few
+    # dozen messages one bounce or one complaint is noise, not a rate.
+    bounce_pause_min_sent: int = Field(500, ge=1)
+
     log_format: LogFormat = LogFormat.text
     templates_dir: Path = ROOT / "templates"
     dev_inbox_dir: Path = Path(".dev/inbox")
@@ -154,6 +167,16 @@ class Settings(BaseSettings):
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("must be an absolute http(s) URL")
         return value.rstrip("/")
+
+    @field_validator("verp_domain")
+    @classmethod
+    def _verp_domain(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().lower().rstrip(".")
+        if not _DOMAIN.fullmatch(value):
+            raise ValueError("must be a domain name like bounces.example.org")
+        return value
 
     @field_validator("from_address")
     @classmethod
