@@ -58,6 +58,17 @@ def _specific(enhanced: str | None) -> bool:
     return bool(enhanced) and not str(enhanced).endswith(".0.0")
 
 
+def effective_status(status: str | None, diagnostic: str | None) -> str | None:
+    """The enhanced code that counts: the Status field, unless it is missing or generic
+    (``5.0.0``, as Exim writes) and the diagnostic carries a specific one."""
+    if _specific(status):
+        return status
+    found = _ENHANCED.search(diagnostic or "")
+    if found is not None and (_specific(found.group(0)) or not status):
+        return found.group(0)
+    return status
+
+
 def _by_words(text: str) -> BounceKind | None:
     if _FULL.search(text):
         return BounceKind.soft
@@ -88,12 +99,7 @@ def kind_for(
     if action == "delayed":
         return BounceKind.soft
     text = diagnostic or ""
-    enhanced = status
-    if not _specific(enhanced):
-        # A generic or missing Status: the diagnostic may carry the real code (Exim).
-        found = _ENHANCED.search(text)
-        if found is not None and (_specific(found.group(0)) or not enhanced):
-            enhanced = found.group(0)
+    enhanced = effective_status(status, text)
     if enhanced and enhanced.startswith("2."):
         return BounceKind.ignored
     if not _specific(enhanced) and (worded := _by_words(text)) is not None:

@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mailer.bounces import rules
-from mailer.bounces.classify import kind_for, kind_for_feedback
+from mailer.bounces.classify import effective_status, kind_for, kind_for_feedback
 from mailer.bounces.events import BounceEvent, report_fingerprint
 from mailer.bounces.identify import Identity, identify
 from mailer.bounces.parse import MAX_BYTES, RecipientStatus, Report, ReportType, parse
@@ -102,7 +102,7 @@ def classify_report(report: Report, source: str, envelope_to: str | None) -> Bou
         source=source,
         fingerprint=report_fingerprint(report.digest, envelope_to or report.delivered_to),
         report=report.type.value,
-        status=chosen.status,
+        status=effective_status(chosen.status, chosen.diagnostic),
         code=chosen.code,
         diagnostic=chosen.diagnostic,
         note="; ".join(notes)[:300] or None,
