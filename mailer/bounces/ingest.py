@@ -170,19 +170,17 @@ async def apply_events(
 
 async def _resolve_provider_address(session: AsyncSession, event: BounceEvent) -> BounceEvent:
     """A provider-verified recipient address names the subscriber; nothing else may."""
-    if event.subscriber_id is not None or not event.email or event.evidence != "provider":
-        return event
-    if not event.source.startswith("webhook:"):
-        return event
-    email = event.email.strip().lower()
-    found = await session.scalar(select(Subscriber.id).where(Subscriber.email == email))
-    if found is None:
-        if event.kind in ACTS_ON_SUBSCRIBER:
-            return replace(event, kind=BounceKind.unmatched).with_note(
-                f"would be {event.kind}; no subscriber with the provider's address"
-            )
-        return event
-    return replace(event, subscriber_id=int(found))
+    if event.subscriber_id is None and event.email and event.evidence == "provider":
+        if event.source.startswith("webhook:"):
+            email = event.email.strip().lower()
+            found = await session.scalar(select(Subscriber.id).where(Subscriber.email == email))
+            if found is not None:
+                return replace(event, subscriber_id=int(found))
+    if event.subscriber_id is None and event.blast_id is None and event.kind in ACTS_ON_SUBSCRIBER:
+        return replace(event, kind=BounceKind.unmatched).with_note(
+            f"would be {event.kind}; no signed evidence or verified provider address of who"
+        )
+    return event
 
 
 def _result(event: BounceEvent, applied: rules.Applied) -> IngestResult:

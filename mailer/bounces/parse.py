@@ -153,7 +153,7 @@ def _parts(msg: Message) -> list[Message]:
         part = stack.pop()
         out.append(part)
         payload = part.get_payload()
-        if isinstance(payload, list):
+        if isinstance(payload, list) and not part.get_content_type().endswith("delivery-status"):
             stack.extend(reversed([p for p in payload if isinstance(p, Message)]))
     return out
 
