@@ -35,7 +35,7 @@ from webhook_payloads import (
     ses_complaint,
 )
 
-from mailer.config import Settings
+from mailer.config import Settings, SettingsError, load_settings
 from mailer.keys import Keys
 from mailer.privacy import email_hash
 from mailer.web.app import create_app
@@ -361,3 +361,23 @@ async def test_codes_soften_a_providers_verdict_and_strangers_stay_unmatched(
     ]
     assert found[2][1] is None
     assert await status_of(settings, email) == "confirmed"
+
+
+def test_webhook_settings_are_checked_at_start_up() -> None:
+    cases = [
+        ({"ses_topic_arns": "arn:aws:sqs:us-east-1:123456789012:q"}, "MAILER_SES_TOPIC_ARNS"),
+        ({"sendgrid_webhook_public_key": "bm90IGEga2V5"}, "MAILER_SENDGRID_WEBHOOK_PUBLIC_KEY"),
+        ({"postmark_webhook_user": "hooks"}, "set both or neither"),
+        (
+            {"postmark_webhook_user": "hooks", "postmark_webhook_password": "short"},
+            "MAILER_POSTMARK_WEBHOOK_PASSWORD: at least 16",
+        ),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(SettingsError) as stopped:
+            load_settings(**overrides)
+        assert message in str(stopped.value), stopped.value
+    ok = load_settings(
+        ses_topic_arns=f"{TOPIC}, {TOPIC}-2", sendgrid_webhook_public_key=SENDGRID.public_key
+    )
+    assert ok.ses_topic_arns == [TOPIC, f"{TOPIC}-2"]
