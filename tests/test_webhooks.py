@@ -381,3 +381,26 @@ def test_webhook_settings_are_checked_at_start_up() -> None:
         ses_topic_arns=f"{TOPIC}, {TOPIC}-2", sendgrid_webhook_public_key=SENDGRID.public_key
     )
     assert ok.ses_topic_arns == [TOPIC, f"{TOPIC}-2"]
+
+
+async def test_odd_numbers_in_headers_and_payloads_are_refused_not_crashed_on(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    """``str.isdigit`` accepts "²" and "١٢٣", which ``int`` then refuses: a 500 waiting."""
+    await seed_subscribers(settings, confirmed=1)
+    body, headers = SENDGRID.hard("conf000000@example.com", None)
+    for stamp in ("²", "¹²³", "-5", "1e9", ""):  # header values arrive as Latin-1
+        bad = headers | {"X-Twilio-Email-Event-Webhook-Timestamp": stamp.encode("latin-1")}
+        r = await client.post("/webhooks/sendgrid", content=body, headers=bad)
+        assert r.status_code in (401, 403), (stamp, r.status_code, r.text)
+    status = {"delivery-status": {"code": "²", "message": "5.1.1 gone"}}
+    odd = MailgunHook.request(
+        mailgun_event("conf000000@example.com", None, "failed", severity="permanent", **status)
+    )
+    r = await post(client, "/webhooks/mailgun", odd)
+    assert r.status_code == 200 and r.json()["stored"] == 1
+    body = json.loads(odd[0])
+    body["signature"]["timestamp"] = "١٧٠٠٠٠٠٠٠٠"
+    r = await client.post("/webhooks/mailgun", content=json.dumps(body))
+    assert r.status_code == 403
+    assert len(await rows(settings)) == 1

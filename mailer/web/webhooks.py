@@ -40,8 +40,8 @@ router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 
 async def _body(request: Request, limit: int) -> bytes:
     """The raw body, refused with 413 as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    declared = common.number(request.headers.get("content-length"), 20)
+    if declared is not None and declared > limit:
         raise Rejected(413, f"request body larger than {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():

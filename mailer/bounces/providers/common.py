@@ -39,6 +39,7 @@ from mailer.runtime import Runtime
 _SMTP_CODE = re.compile(r"^\s*(?:smtp\s*;\s*)?([245]\d\d)(?![\d.])", re.I)
 _ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
 _MESSAGE_ID = re.compile(r"<[^<>\s]{1,300}>")
+_DIGITS = re.compile(r"[0-9]+")
 
 
 class Rejected(Exception):
@@ -106,6 +107,14 @@ def obj(data: object, key: str) -> Mapping[str, object]:
 def items(data: object, key: str | None = None, limit: int = 1000) -> list[object]:
     value = data.get(key) if key is not None and isinstance(data, Mapping) else data
     return list(value[:limit]) if isinstance(value, list) else []
+
+
+def number(value: str | None, digits: int = 12) -> int | None:
+    """``value`` as a non-negative integer when it is plain ASCII digits, else None.
+    (``str.isdigit`` accepts "²" and "١٢٣", which ``int`` then refuses.)"""
+    if value is None or not _DIGITS.fullmatch(value) or len(value) > digits:
+        return None
+    return int(value)
 
 
 def smtp_code(diagnostic: str | None) -> int | None:

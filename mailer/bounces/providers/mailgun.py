@@ -55,14 +55,15 @@ def verify(settings: Settings, doc: object, now: float) -> str:
     given = [text(signed, "signature", 200), text(signed, "parent-signature", 200)]
     if not timestamp or not token or not any(given):
         raise Rejected(401, "unsigned: signature.timestamp, .token and .signature are required")
-    if not timestamp.isdigit() or not _TOKEN.fullmatch(token):
+    signed_at = common.number(timestamp)
+    if signed_at is None or not _TOKEN.fullmatch(token):
         raise Rejected(403, "signature.timestamp or signature.token is malformed")
     key = settings.mailgun_signing_key.get_secret_value().encode()
     expected = hmac.new(key, (timestamp + token).encode(), hashlib.sha256).hexdigest()
     matches = [hmac.compare_digest(expected, (g or "").strip().lower()) for g in given]
     if not any(matches):
         raise Rejected(403, "signature does not verify")
-    if abs(now - int(timestamp)) > settings.webhook_max_age_s:
+    if abs(now - signed_at) > settings.webhook_max_age_s:
         raise Rejected(
             403, f"timestamp more than {settings.webhook_max_age_s} s from now: refused as a replay"
         )
@@ -96,8 +97,7 @@ def _event(data: Mapping[str, object], name: str, size: int, token: str) -> Repo
     status = text(status_block, "enhanced-code", 16) or common.enhanced(
         diagnostic, text(status_block, "description", 500)
     )
-    code_text = text(status_block, "code", 6)
-    code = int(code_text) if code_text and code_text.isdigit() else common.smtp_code(diagnostic)
+    code = common.number(text(status_block, "code", 6), 3) or common.smtp_code(diagnostic)
     severity = (text(data, "severity", 20) or "").lower()
     reason = (text(data, "reason", 60) or "").lower()
     note = f"Mailgun {name or '(no event)'}"

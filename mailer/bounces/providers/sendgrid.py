@@ -65,9 +65,10 @@ def verify(
         )
     if not signature or not timestamp:
         raise Rejected(401, f"unsigned: {SIGNATURE_HEADER} and {TIMESTAMP_HEADER} are required")
-    if not timestamp.isdigit() or len(timestamp) > 12:
+    signed_at = common.number(timestamp)
+    if signed_at is None:
         raise Rejected(403, f"{TIMESTAMP_HEADER} is not a Unix time")
-    if abs(now - int(timestamp)) > settings.webhook_max_age_s:
+    if abs(now - signed_at) > settings.webhook_max_age_s:
         raise Rejected(
             403, f"timestamp more than {settings.webhook_max_age_s} s from now: refused as a replay"
         )

@@ -21,6 +21,10 @@ SNS signs each message it POSTs with the private key of a certificate it publish
 A subscription is confirmed by GETting its ``SubscribeURL``, which must pass the same
 host rule, and only once the message's signature verified.
 
+The message's ``Timestamp`` is signed but not held to an age: SNS retries a delivery
+for as long as the topic's retry policy says (hours, with a custom one), and a replayed
+notification is stored once anyway, by its fingerprint (``ses.py``).
+
 Every outbound request goes through one ``httpx`` transport, :attr:`SnsVerifier.transport`
 (``None``: the network). Tests hand it a local one, so nothing leaves the machine.
 """
