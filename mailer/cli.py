@@ -20,6 +20,7 @@ from typing import Any, NoReturn, TypeVar
 
 import typer
 
+from mailer.cli_bounces import bounces_app
 from mailer.config import (
     Settings,
     SettingsError,
@@ -34,6 +35,7 @@ editors_app = typer.Typer(help="Manage editor accounts.")
 subscribers_app = typer.Typer(help="Import and export subscribers.")
 app.add_typer(editors_app, name="editors")
 app.add_typer(subscribers_app, name="subscribers")
+app.add_typer(bounces_app, name="bounces")
 
 T = TypeVar("T")
 

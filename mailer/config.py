@@ -7,13 +7,19 @@ A wrong value stops start-up with one line naming the variable, never a tracebac
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import ipaddress
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -44,6 +50,11 @@ class LogFormat(StrEnum):
     json = "json"
 
 
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
+
+_TOPIC_ARN = re.compile(r"arn:aws(?:-[a-z]+)*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}")
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -70,6 +81,19 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def ec_public_key(text: str) -> ec.EllipticCurvePublicKey:
+    """A P-256 public key as SendGrid shows it: base64 of the DER SubjectPublicKeyInfo
+    (a PEM block is accepted too). Raises ValueError saying what is wrong."""
+    body = "".join(line for line in text.strip().splitlines() if not line.startswith("-----"))
+    try:
+        key = serialization.load_der_public_key(base64.b64decode(body, validate=True))
+    except (ValueError, binascii.Error, UnsupportedAlgorithm):
+        raise ValueError("must be the base64 public key SendGrid shows (DER)") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise ValueError("must be an ECDSA P-256 public key")
+    return key
 
 
 def _split_csv(value: object) -> object:
@@ -140,12 +164,30 @@ class Settings(BaseSettings):
     # Confirmation mails per recipient domain per hour from the sign-up form; 0 = no cap.
     confirm_domain_limit_per_hour: int = Field(100, ge=0)
 
+    # Bounces and complaints (docs/bounces.md).
+    soft_bounce_limit: int = Field(3, ge=1, le=1000)
+    soft_bounce_window_days: int = Field(14, ge=1, le=3650)
+    bounce_pause_rate: float = Field(0.05, gt=0, le=1)
+    complaint_pause_rate: float = Field(0.003, gt=0, le=1)
+    # Neither rate pauses a blast before this many of its messages were sent: over a few
+    # dozen messages one bounce or one complaint is noise, not a rate.
+    bounce_pause_min_sent: int = Field(500, ge=1)
+
+    # Provider webhooks (docs/deploy.md, "Provider webhooks"); each is off until configured.
+    ses_topic_arns: Annotated[list[str], NoDecode] = []
+    postmark_webhook_user: str | None = None
+    postmark_webhook_password: SecretStr | None = None
+    sendgrid_webhook_public_key: str | None = None
+    mailgun_signing_key: SecretStr | None = None
+    # A signed webhook older (or further in the future) than this is refused as a replay.
+    webhook_max_age_s: int = Field(600, ge=30, le=86400)
+
     log_format: LogFormat = LogFormat.text
     templates_dir: Path = ROOT / "templates"
     dev_inbox_dir: Path = Path(".dev/inbox")
     max_body_bytes: int = Field(1_000_000, ge=1024)
 
-    @field_validator("old_secret_keys", "trusted_proxies", mode="before")
+    @field_validator("old_secret_keys", "trusted_proxies", "ses_topic_arns", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
@@ -171,6 +213,24 @@ class Settings(BaseSettings):
             rates[domain.strip().lower()] = float(rate)
         return rates
 
+    @field_validator("ses_topic_arns")
+    @classmethod
+    def _ses_topic_arns(cls, value: list[str]) -> list[str]:
+        for arn in value:
+            if not _TOPIC_ARN.fullmatch(arn):
+                raise ValueError(
+                    f"{arn!r} is not an SNS topic ARN (arn:aws:sns:REGION:ACCOUNT:TOPIC)"
+                )
+        return value
+
+    @field_validator("sendgrid_webhook_public_key")
+    @classmethod
+    def _sendgrid_key(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        ec_public_key(value)  # a key that cannot verify anything must stop start-up
+        return value.strip()
+
     @field_validator("base_url")
     @classmethod
     def _base_url(cls, value: str) -> str:
@@ -178,6 +238,16 @@ class Settings(BaseSettings):
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("must be an absolute http(s) URL")
         return value.rstrip("/")
+
+    @field_validator("verp_domain")
+    @classmethod
+    def _verp_domain(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().lower().rstrip(".")
+        if not _DOMAIN.fullmatch(value):
+            raise ValueError("must be a domain name like bounces.example.org")
+        return value
 
     @field_validator("from_address")
     @classmethod
@@ -217,6 +287,20 @@ class Settings(BaseSettings):
                     f"MAILER_OLD_SECRET_KEYS: every key must be at least "
                     f"{MIN_OLD_SECRET_KEY_CHARS} characters"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _postmark_pair(self) -> Settings:
+        if (self.postmark_webhook_user is None) != (self.postmark_webhook_password is None):
+            raise ValueError(
+                "MAILER_POSTMARK_WEBHOOK_USER and MAILER_POSTMARK_WEBHOOK_PASSWORD: "
+                "set both or neither"
+            )
+        if self.postmark_webhook_user is not None and ":" in self.postmark_webhook_user:
+            raise ValueError("MAILER_POSTMARK_WEBHOOK_USER: must not contain ':' (basic auth)")
+        if self.postmark_webhook_password is not None:
+            if len(self.postmark_webhook_password.get_secret_value()) < 16:
+                raise ValueError("MAILER_POSTMARK_WEBHOOK_PASSWORD: at least 16 characters")
         return self
 
     @model_validator(mode="after")

@@ -91,6 +91,10 @@ class Keys:
         """A draft being composed in the admin UI, kept briefly for its preview frame."""
         return f"{self.queue}:admin:preview:{editor_id}:{draft_id}"
 
+    def webhook_token(self, provider: str, token: str) -> str:
+        """A provider's one-time webhook token, kept (with a TTL) once used: a replay is refused."""
+        return f"{self.queue}:webhooks:{provider}:token:{token}"
+
     # arq's own job keys (arq:job:<id>) are not scoped by queue, so our job ids are.
 
     def batch_job_id(self, blast_id: int, first_id: int, generation: str = "") -> str:

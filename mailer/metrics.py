@@ -45,6 +45,7 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 
+from mailer.bounces.stats import totals as bounce_totals
 from mailer.keys import Keys
 from mailer.models import Blast, BlastStatus, Subscriber, SubscriberStatus
 
@@ -232,6 +233,7 @@ class Figures:
     workers: list[WorkerInfo] = field(default_factory=list)
     subscribers: dict[str, int] = field(default_factory=dict)
     blasts: dict[str, int] = field(default_factory=dict)
+    bounces: dict[str, int] = field(default_factory=dict)  # stored bounce events by kind
 
     @property
     def workers_alive(self) -> int:
@@ -302,6 +304,7 @@ async def _gather_sql(runtime: Runtime, figures: Figures) -> None:
         blasts = await session.execute(select(Blast.status, func.count()).group_by(Blast.status))
         figures.blasts = {s.value: 0 for s in BlastStatus}
         figures.blasts.update({str(s): int(n) for s, n in blasts})
+        figures.bounces = await bounce_totals(session)
 
 
 async def active_blasts(runtime: Runtime) -> list[Progress]:
@@ -410,6 +413,7 @@ class FiguresCollector(Collector):
             for status, n in sorted(f.blasts.items()):
                 blasts.add_metric([status], n)
             yield blasts
+            yield from _bounce_families(f)
 
     @staticmethod
     def _redis_families(f: Figures) -> Iterable[Metric]:
@@ -464,6 +468,24 @@ class FiguresCollector(Collector):
             f"Worker processes whose heartbeat is newer than {ALIVE_S:.0f} s.",
             value=f.workers_alive,
         )
+
+
+def _bounce_families(f: Figures) -> Iterable[Metric]:
+    """Counted in SQL at scrape time: the bounce_events table is the record (never trimmed)."""
+    bounces = CounterMetricFamily(
+        "mailer_bounces",
+        "Bounce reports and events stored once each, by kind: hard, soft, complaint, "
+        "policy, ignored, unmatched (no signed evidence of who).",
+        labels=["kind"],
+    )
+    for kind, n in sorted(f.bounces.items()):
+        bounces.add_metric([kind], n)
+    yield bounces
+    yield CounterMetricFamily(
+        "mailer_complaints",
+        "Spam complaints (ARF reports, provider complaint events) stored.",
+        value=f.bounces.get("complaint", 0),
+    )
 
 
 def _blast_order(blast: str) -> int:

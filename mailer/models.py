@@ -204,3 +204,44 @@ class Delivery(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_code: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(String(500))
+
+
+class BounceKind(StrEnum):
+    hard = "hard"  # the address is dead: the subscriber becomes bounced at once
+    soft = "soft"  # counted; bounced after MAILER_SOFT_BOUNCE_LIMIT within the window
+    complaint = "complaint"  # "report spam": unsubscribed and suppressed
+    policy = "policy"  # the receiver refuses the sender (5.7.x): never the subscriber's fault
+    ignored = "ignored"  # auto-replies, delivery notices: stored, changes nothing
+    unmatched = "unmatched"  # no signed evidence of who: stored, changes nothing
+
+
+class StoredBounce(Base):
+    """Every bounce, complaint or ignored report, once (docs/bounces.md).
+
+    ``fingerprint`` makes ingestion idempotent: the same DSN read twice, or a webhook
+    retried by its provider, finds its row and changes nothing more. No foreign keys, like
+    ``deliveries``: erasing a subscriber sets ``subscriber_id`` to NULL itself.
+    """
+
+    __tablename__ = "bounce_events"
+    __table_args__ = (
+        Index("ix_bounce_events_blast_kind", "blast_id", "kind"),
+        Index("ix_bounce_events_subscriber", "subscriber_id", "kind", "received_at"),
+        Index("ix_bounce_events_received", "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(100), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    report: Mapped[str] = mapped_column(String(16))  # dsn, arf, text, other, smtp, webhook
+    source: Mapped[str] = mapped_column(String(40))  # cli, smtp, send, webhook:<provider>
+    blast_id: Mapped[int | None] = mapped_column(BigId)
+    subscriber_id: Mapped[int | None] = mapped_column(BigId)
+    evidence: Mapped[str | None] = mapped_column(String(32))  # what proved who
+    status: Mapped[str | None] = mapped_column(String(16))  # enhanced code, e.g. 5.1.1
+    code: Mapped[int | None] = mapped_column(Integer)  # SMTP reply code, e.g. 550
+    diagnostic: Mapped[str | None] = mapped_column(String(500))
+    note: Mapped[str | None] = mapped_column(String(300))  # what was done, or why not
+    paused_blast: Mapped[bool] = mapped_column(Boolean, default=False)
+    raw_size: Mapped[int] = mapped_column(Integer, default=0)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -30,7 +30,14 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from mailer.config import Settings
-from mailer.models import Blast, Delivery, Subscriber, SubscriberEvent, Suppression
+from mailer.models import (
+    Blast,
+    Delivery,
+    StoredBounce,
+    Subscriber,
+    SubscriberEvent,
+    Suppression,
+)
 
 # Domain separation: the HMAC key is derived from the secret, never the secret itself,
 # so a suppression hash can never double as (or help forge) a signed token.
@@ -96,6 +103,11 @@ async def export_subscriber(session: AsyncSession, subscriber_id: int) -> dict[s
     deliveries = await session.scalars(
         select(Delivery).where(Delivery.subscriber_id == subscriber_id).order_by(Delivery.id)
     )
+    bounces = await session.scalars(
+        select(StoredBounce)
+        .where(StoredBounce.subscriber_id == subscriber_id)
+        .order_by(StoredBounce.id)
+    )
     return {
         "id": sub.id,
         "email": sub.email,
@@ -134,6 +146,17 @@ async def export_subscriber(session: AsyncSession, subscriber_id: int) -> dict[s
                 "last_error": d.last_error,
             }
             for d in deliveries
+        ],
+        "bounces": [
+            {
+                "kind": b.kind,
+                "blast_id": b.blast_id,
+                "received_at": _iso(b.received_at),
+                "source": b.source,
+                "status": b.status,
+                "diagnostic": b.diagnostic,
+            }
+            for b in bounces
         ],
     }
 
@@ -180,6 +203,17 @@ async def erase_subscriber(session: AsyncSession, settings: Settings, subscriber
         .values(subscriber_id=None, last_error=None)
     )
     await _scrub_blast_reasons(session, email)
+    # Bounce reports often quote the address in their diagnostic (docs/bounces.md).
+    await session.execute(
+        update(StoredBounce)
+        .where(StoredBounce.subscriber_id == subscriber_id)
+        .values(subscriber_id=None, diagnostic=None)
+    )
+    await session.execute(
+        update(StoredBounce)
+        .where(func.lower(StoredBounce.diagnostic).contains(email.lower(), autoescape=True))
+        .values(diagnostic=None)
+    )
     await session.execute(delete(Subscriber).where(Subscriber.id == subscriber_id))
     digest = email_hash(settings, email)
     exists = await session.scalar(select(Suppression.id).where(Suppression.email_hash == digest))

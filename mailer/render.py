@@ -207,6 +207,24 @@ def make_message_id(settings: Settings, blast_id: int | None, subscriber_id: int
     return f"<{time.time_ns():x}.{secrets.token_hex(8)}@{domain}>"
 
 
+_BLAST_MESSAGE_ID = re.compile(r"<b(\d{1,18})\.([0-9a-f]{24})@[^<>\s]{1,255}>")
+
+
+def read_message_id(settings: Settings, message_id: str, subscriber_id: int) -> int | None:
+    """The blast id in a Message-ID made by :func:`make_message_id` for ``subscriber_id``,
+    or None unless its HMAC verifies (under any accepted key). The HMAC binds blast and
+    subscriber, so a bounce or complaint carrying it proves both."""
+    match = _BLAST_MESSAGE_ID.fullmatch(message_id.strip())
+    if match is None:
+        return None
+    blast_id, mac = int(match.group(1)), match.group(2)
+    for key in settings.signing_keys:
+        digest = hmac.new(key.encode(), f"msgid:{blast_id}:{subscriber_id}".encode(), "sha256")
+        if hmac.compare_digest(digest.hexdigest()[:24], mac):
+            return blast_id
+    return None
+
+
 # Statements ---------------------------------------------------------------------
 
 

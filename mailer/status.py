@@ -21,6 +21,8 @@ from rich.table import Table
 from rich.text import Text
 
 from mailer.blasts import Progress
+from mailer.bounces.stats import BlastBounces
+from mailer.bounces.stats import for_blast as bounces_for_blast
 from mailer.config import Settings
 from mailer.metrics import Figures, active_blasts, gather
 from mailer.runtime import Runtime
@@ -45,6 +47,7 @@ class Unavailable(Exception):
 class Status:
     figures: Figures
     blasts: list[Progress] = field(default_factory=list)
+    bounces: dict[int, BlastBounces] = field(default_factory=dict)  # by blast id
 
     def problems(self) -> list[str]:
         out = []
@@ -58,7 +61,9 @@ class Status:
 async def collect(runtime: Runtime, queue: Queue) -> Status:
     figures = await gather(runtime, queue)
     blasts = await active_blasts(runtime) if figures.database_up else []
-    return Status(figures, blasts)
+    async with runtime.reads() as session:
+        bounces = {p.id: await bounces_for_blast(session, p.id) for p in blasts}
+    return Status(figures, blasts, bounces)
 
 
 def _age(seconds: float) -> str:
@@ -114,6 +119,8 @@ def render(status: Status) -> RenderableType:
     blasts.add_column("failed", justify="right")
     blasts.add_column("skipped", justify="right")
     blasts.add_column("pending", justify="right")
+    blasts.add_column("hard bounces", justify="right")
+    blasts.add_column("complaints", justify="right")
     blasts.add_column("reason", overflow="fold", ratio=1)
     for p in status.blasts:
         finished = p.sent + p.failed + p.skipped + p.cancelled
@@ -130,6 +137,7 @@ def render(status: Status) -> RenderableType:
             str(p.failed),
             str(p.skipped),
             str(p.pending),
+            *_bounce_cells(status.bounces.get(p.id)),
             reason,
         )
     if not status.blasts:
@@ -137,6 +145,12 @@ def render(status: Status) -> RenderableType:
         blasts.caption_justify = "left"
     parts.append(blasts)
     return Group(*parts)
+
+
+def _bounce_cells(b: BlastBounces | None) -> tuple[str, str]:
+    if b is None:
+        return "", ""
+    return f"{b.hard} ({b.hard_rate:.1%})", f"{b.complaints} ({b.complaint_rate:.2%})"
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mailer.config import Env, Settings
 from mailer.render import Renderer
 from mailer.runtime import Runtime
-from mailer.web import admin, api, ops, public
+from mailer.web import admin, api, ops, public, webhooks
 from mailer.web.context import AppContext
 from mailer.web.guards import BodyLimit, SecurityHeaders, security_headers
 from mailer.worker import Queue
@@ -81,6 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(api.router)
     app.include_router(ops.router)
     app.include_router(admin.router)
+    app.include_router(webhooks.router)
     if settings.env is Env.dev:
         from mailer.web import devinbox
 
