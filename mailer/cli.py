@@ -20,6 +20,7 @@ from typing import Any, NoReturn, TypeVar
 
 import typer
 
+from mailer.cli_feeds import feeds_app
 from mailer.config import Settings, SettingsError, load_settings
 from mailer.logs import setup_logging
 
@@ -28,6 +29,7 @@ editors_app = typer.Typer(help="Manage editor accounts.")
 subscribers_app = typer.Typer(help="Import and export subscribers.")
 app.add_typer(editors_app, name="editors")
 app.add_typer(subscribers_app, name="subscribers")
+app.add_typer(feeds_app, name="feeds")
 
 T = TypeVar("T")
 

@@ -82,6 +82,11 @@ class Keys:
         """A draft being composed in the admin UI, kept briefly for its preview frame."""
         return f"{self.queue}:admin:preview:{editor_id}:{draft_id}"
 
+    @property
+    def feed_poll_lock(self) -> str:
+        """Held while the site's feeds are polled, so two polls never overlap."""
+        return f"{self.queue}:feeds:poll-lock"
+
     # arq's own job keys (arq:job:<id>) are not scoped by queue, so our job ids are.
 
     def batch_job_id(self, blast_id: int, first_id: int, generation: str = "") -> str:

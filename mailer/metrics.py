@@ -45,6 +45,7 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 
+from mailer.feed_status import FeedHealth, feed_health, metric_families
 from mailer.keys import Keys
 from mailer.models import Blast, BlastStatus, Subscriber, SubscriberStatus
 
@@ -232,6 +233,7 @@ class Figures:
     workers: list[WorkerInfo] = field(default_factory=list)
     subscribers: dict[str, int] = field(default_factory=dict)
     blasts: dict[str, int] = field(default_factory=dict)
+    feeds: list[FeedHealth] = field(default_factory=list)
 
     @property
     def workers_alive(self) -> int:
@@ -302,6 +304,7 @@ async def _gather_sql(runtime: Runtime, figures: Figures) -> None:
         blasts = await session.execute(select(Blast.status, func.count()).group_by(Blast.status))
         figures.blasts = {s.value: 0 for s in BlastStatus}
         figures.blasts.update({str(s): int(n) for s, n in blasts})
+        figures.feeds = await feed_health(session, runtime.settings.feed_urls)
 
 
 async def active_blasts(runtime: Runtime) -> list[Progress]:
@@ -410,6 +413,7 @@ class FiguresCollector(Collector):
             for status, n in sorted(f.blasts.items()):
                 blasts.add_metric([status], n)
             yield blasts
+            yield from metric_families(f.feeds)
 
     @staticmethod
     def _redis_families(f: Figures) -> Iterable[Metric]:
