@@ -54,17 +54,13 @@ class Actions:
         """Do what is owed for every statement from the site; returns statement id →
         what was done ("held", "blast <id>")."""
         async with self.runtime.sessions() as session:
-            owed = [
-                (entry_id, statement)
-                for entry_id, statement in (
-                    await session.execute(
-                        select(FeedEntry.id, Statement)
-                        .join(Statement, Statement.id == FeedEntry.statement_id)
-                        .where(FeedEntry.handled_at.is_(None))
-                        .order_by(FeedEntry.id)
-                    )
-                ).tuples()
-            ]
+            rows = await session.execute(
+                select(FeedEntry.id, Statement)
+                .join(Statement, Statement.id == FeedEntry.statement_id)
+                .where(FeedEntry.handled_at.is_(None))
+                .order_by(FeedEntry.id)
+            )
+            owed: list[tuple[int, Statement]] = [(row[0], row[1]) for row in rows]
         done: dict[int, str] = {}
         if not owed:
             return done
