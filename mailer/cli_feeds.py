@@ -67,20 +67,22 @@ def check(
         fail(f"{url}: {exc}")
     items = fetched.items or []
     typer.echo(f"{fetched.url}: {fetched.kind} feed, {len(items)} entries")
+    known = True
     try:
         new = asyncio.run(_new_keys(settings, url, items))
     except Exception as exc:  # noqa: BLE001 - the database is optional for a check
-        typer.echo(f"(database not readable, so every entry is listed: {type(exc).__name__})")
-        new = {i.key for i in items}
-    if new is None:
+        reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"[:200]
+        typer.echo(f"(cannot read the database, so which entries are new is unknown: {reason})")
+        known, new = False, set()
+    if known and new is None:
         typer.echo(
             "This feed has not been polled yet: its first poll records these entries as "
             "seen and mails none of them."
         )
-    else:
+    elif known and new is not None:
         typer.echo(f"{len(new)} would become statements (the others were seen before).")
     for item in items:
-        mark = "NEW " if new is not None and item.key in new else "seen"
+        mark = " ?  " if not known else "NEW " if new is not None and item.key in new else "seen"
         typer.echo(f"\n[{mark}] {item.title}")
         if item.author:
             typer.echo(f"       by {item.author}")
