@@ -234,7 +234,7 @@ class _Rewriter(HTMLParser):
     def handle_data(self, data: str) -> None:
         if self.skip is not None:
             if self.skip.kind == "quote":
-                self.skip.text.append(data)
+                self.skip.text.append(re.sub(r"\s", " ", data))  # "\n" marks paragraphs
                 self.skip.own_text |= not self.skip.in_link and bool(data.strip())
             return
         self.out.append(html.escape(data, quote=False))
