@@ -25,6 +25,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
+from html import escape
 from typing import Any
 
 from redis.exceptions import LockError
@@ -272,8 +273,9 @@ class Poller:
 
     async def _create(self, feed_id: int, item: FeedItem) -> NewStatement | None:
         html, text = render_cms_html(item.html, item.link)
-        if not text.strip():
-            html, text = render_cms_html('<p><a href="">Read it on the site</a></p>', item.link)
+        if not text.strip():  # an entry with a title only: the mail points to the page
+            where = f'<a href="{escape(item.link)}">' if item.link else "<a>"
+            html, text = render_cms_html(f"<p>{where}Read it on the site</a></p>", item.link)
         statement = Statement(
             title=item.title,
             author=item.author,

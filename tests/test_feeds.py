@@ -251,3 +251,52 @@ async def test_the_worker_polls_by_itself_every_feed_poll_s(
     await wait_until(lambda: statements_from_site(settings), timeout=30)
     [(_, title, *_rest)] = await statements_from_site(settings)
     assert title == "Statement number 2"
+
+
+@pytest.mark.parametrize("feed_mode", ["blast"])
+async def test_many_new_entries_at_once_are_held_even_in_blast_mode(
+    app_client: httpx.AsyncClient, settings: Settings, smtp: SmtpServer, site: SiteServer
+) -> None:
+    token = await editor_token(settings)
+    await seed_subscribers(settings, confirmed=2)
+    engine = make_engine(settings.database_url)
+    async with make_sessionmaker(engine)() as session:
+        await add_editor(session, "Desk", email="desk@campaign.example")
+    await engine.dispose()
+    site.serve("/feed.xml", rss([entry(site, 1)]), "application/rss+xml")
+    await poll(app_client, token)
+    site.serve("/feed.xml", rss([entry(site, n) for n in range(1, 6)]), "application/rss+xml")
+    [report] = await poll(app_client, token)
+    assert [n["action"] for n in report["new"]] == ["held"] * 4
+    assert [n["title"] for n in report["new"]] == [f"Statement number {n}" for n in (2, 3, 4, 5)]
+    assert await sql(settings, "SELECT count(*) FROM blasts") == [(0,)]
+    [notice] = await asyncio.to_thread(smtp.wait_for, 1)
+    assert notice.rcpt == "desk@campaign.example"
+    assert notice.message["Subject"] == "4 new statements on the site: review and send"
+    assert "more than 3" in text_body(notice.message)
+
+
+@pytest.mark.parametrize("feed_mode", ["hold"])
+async def test_a_notice_the_relay_deferred_is_sent_at_the_next_poll(
+    app_client: httpx.AsyncClient, settings: Settings, smtp: SmtpServer, site: SiteServer
+) -> None:
+    token = await editor_token(settings)
+    engine = make_engine(settings.database_url)
+    async with make_sessionmaker(engine)() as session:
+        await add_editor(session, "Desk", email="desk@campaign.example")
+    await engine.dispose()
+    site.serve("/feed.xml", rss([entry(site, 1)]), "application/rss+xml")
+    await poll(app_client, token)
+    smtp.recorder.plan = lambda rcpt, attempt: "451 4.3.0 try again later" if attempt == 1 else None
+    site.serve("/feed.xml", rss([entry(site, 1), entry(site, 2)]), "application/rss+xml")
+    [report] = await poll(app_client, token)
+    assert [n["action"] for n in report["new"]] == ["owed"]
+    assert smtp.messages == []
+    [report] = await poll(app_client, token)  # nothing new in the feed: the notice goes now
+    assert report["new"] == []
+    [notice] = await asyncio.to_thread(smtp.wait_for, 1)
+    assert notice.message["Subject"] == NOTICE_SUBJECT
+    await poll(app_client, token)
+    await asyncio.sleep(0.3)
+    assert len(smtp.messages) == 1
+    assert len(await statements_from_site(settings)) == 1
