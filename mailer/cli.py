@@ -21,6 +21,7 @@ from typing import Any, NoReturn, TypeVar
 import typer
 
 from mailer.cli_bounces import bounces_app
+from mailer.cli_feeds import feeds_app
 from mailer.config import (
     Settings,
     SettingsError,
@@ -36,6 +37,7 @@ subscribers_app = typer.Typer(help="Import and export subscribers.")
 app.add_typer(editors_app, name="editors")
 app.add_typer(subscribers_app, name="subscribers")
 app.add_typer(bounces_app, name="bounces")
+app.add_typer(feeds_app, name="feeds")
 
 T = TypeVar("T")
 
@@ -118,7 +120,12 @@ def worker() -> None:
 
 
 @editors_app.command("add")
-def editors_add(name: str) -> None:
+def editors_add(
+    name: str,
+    email: str | None = typer.Option(
+        None, "--email", help="Where notices for this editor go (new statements on the site)."
+    ),
+) -> None:
     """Create an editor. Prints the token once, alone on the last line; only its hash is kept."""
     settings = settings_or_exit()
     from mailer.db import make_engine, make_sessionmaker
@@ -129,7 +136,7 @@ def editors_add(name: str) -> None:
         engine = make_engine(settings.database_url)
         try:
             async with make_sessionmaker(engine)() as session:
-                return await add_editor(session, name)
+                return await add_editor(session, name, email)
         finally:
             await engine.dispose()
 

@@ -55,6 +55,12 @@ _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
 
 _TOPIC_ARN = re.compile(r"arn:aws(?:-[a-z]+)*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}")
 
+
+class FeedMode(StrEnum):
+    hold = "hold"  # a new statement from the site waits as a draft for an editor
+    blast = "blast"  # a new statement from the site is sent at once
+
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -94,6 +100,26 @@ def ec_public_key(text: str) -> ec.EllipticCurvePublicKey:
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
         raise ValueError("must be an ECDSA P-256 public key")
     return key
+
+
+def web_origin(url: str) -> str | None:
+    """``scheme://host[:port]`` as browsers write the Origin header (lower case, default
+    port left out), or None when ``url`` is not an absolute http(s) URL."""
+    if any(ch.isspace() or ch == "\\" or ord(ch) < 0x20 for ch in url):
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+        return None
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    default = 443 if scheme == "https" else 80
+    return f"{scheme}://{host}" + (f":{port}" if port is not None and port != default else "")
 
 
 def _split_csv(value: object) -> object:
@@ -187,7 +213,22 @@ class Settings(BaseSettings):
     dev_inbox_dir: Path = Path(".dev/inbox")
     max_body_bytes: int = Field(1_000_000, ge=1024)
 
-    @field_validator("old_secret_keys", "trusted_proxies", "ses_topic_arns", mode="before")
+    # The campaign site: its feeds, and the origins whose pages may post the sign-up form.
+    feed_urls: Annotated[list[str], NoDecode] = []
+    feed_poll_s: int = Field(300, ge=1)
+    feed_mode: FeedMode = FeedMode.hold
+    feed_timeout_s: float = Field(20.0, gt=0, le=300)
+    feed_max_bytes: int = Field(5_000_000, ge=10_000)
+    allowed_origins: Annotated[list[str], NoDecode] = []
+
+    @field_validator(
+        "old_secret_keys",
+        "trusted_proxies",
+        "ses_topic_arns",
+        "feed_urls",
+        "allowed_origins",
+        mode="before",
+    )
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
@@ -197,6 +238,29 @@ class Settings(BaseSettings):
     def _trusted_proxies(cls, value: list[str]) -> list[str]:
         parse_networks(tuple(value))  # a typo must stop start-up, not trust nobody silently
         return value
+
+    @field_validator("feed_urls")
+    @classmethod
+    def _feed_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if web_origin(url) is None or len(url) > 2000:
+                raise ValueError(f"{url!r} is not an absolute http(s) URL")
+        return list(dict.fromkeys(value))
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _allowed_origins(cls, value: list[str]) -> list[str]:
+        out: list[str] = []
+        for entry in value:
+            origin = web_origin(entry)
+            parts = urlsplit(entry) if origin else None
+            if parts is None or parts.path not in ("", "/") or parts.query or parts.fragment:
+                raise ValueError(
+                    f"{entry!r} is not an origin like https://www.example.org or "
+                    "http://localhost:8080 (scheme://host[:port], no path)"
+                )
+            out.append(str(origin))
+        return list(dict.fromkeys(out))
 
     @field_validator("domain_rates", mode="before")
     @classmethod

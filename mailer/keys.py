@@ -95,6 +95,11 @@ class Keys:
         """A provider's one-time webhook token, kept (with a TTL) once used: a replay is refused."""
         return f"{self.queue}:webhooks:{provider}:token:{token}"
 
+    @property
+    def feed_poll_lock(self) -> str:
+        """Held while the site's feeds are polled, so two polls never overlap."""
+        return f"{self.queue}:feeds:poll-lock"
+
     # arq's own job keys (arq:job:<id>) are not scoped by queue, so our job ids are.
 
     def batch_job_id(self, blast_id: int, first_id: int, generation: str = "") -> str:

@@ -46,6 +46,7 @@ from redis.asyncio import Redis
 from sqlalchemy import func, select
 
 from mailer.bounces.stats import totals as bounce_totals
+from mailer.feed_status import FeedHealth, feed_health, metric_families
 from mailer.keys import Keys
 from mailer.models import Blast, BlastStatus, Subscriber, SubscriberStatus
 
@@ -234,6 +235,7 @@ class Figures:
     subscribers: dict[str, int] = field(default_factory=dict)
     blasts: dict[str, int] = field(default_factory=dict)
     bounces: dict[str, int] = field(default_factory=dict)  # stored bounce events by kind
+    feeds: list[FeedHealth] = field(default_factory=list)
 
     @property
     def workers_alive(self) -> int:
@@ -305,6 +307,7 @@ async def _gather_sql(runtime: Runtime, figures: Figures) -> None:
         figures.blasts = {s.value: 0 for s in BlastStatus}
         figures.blasts.update({str(s): int(n) for s, n in blasts})
         figures.bounces = await bounce_totals(session)
+        figures.feeds = await feed_health(session, runtime.settings.feed_urls)
 
 
 async def active_blasts(runtime: Runtime) -> list[Progress]:
@@ -414,6 +417,7 @@ class FiguresCollector(Collector):
                 blasts.add_metric([status], n)
             yield blasts
             yield from _bounce_families(f)
+            yield from metric_families(f.feeds)
 
     @staticmethod
     def _redis_families(f: Figures) -> Iterable[Metric]:

@@ -125,6 +125,8 @@ class Editor(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Where notices for editors go ("new statement on the site"); optional.
+    email: Mapped[str | None] = mapped_column(String(320))
 
 
 class Statement(Base):
@@ -140,6 +142,11 @@ class Statement(Base):
     editor_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("editors.id"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # Where it came from: None when an editor wrote it, STATEMENT_FROM_SITE from a feed.
+    source: Mapped[str | None] = mapped_column(String(16))
+
+
+STATEMENT_FROM_SITE = "feed"
 
 
 class BlastStatus(StrEnum):
@@ -245,3 +252,47 @@ class StoredBounce(Base):
     paused_blast: Mapped[bool] = mapped_column(Boolean, default=False)
     raw_size: Mapped[int] = mapped_column(Integer, default=0)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Feed(Base):
+    """One of the site's feeds (``MAILER_FEED_URLS``): its cache validators and its health."""
+
+    __tablename__ = "feeds"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    url: Mapped[str] = mapped_column(String(2000), unique=True)
+    etag: Mapped[str | None] = mapped_column(String(500))
+    last_modified: Mapped[str | None] = mapped_column(String(100))
+    last_polled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_ok_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(String(1000))
+    last_error_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # False until a poll succeeded: that poll records the backlog as seen, mailing nothing.
+    first_run_done: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class FeedEntry(Base):
+    """An entry of a feed, seen once: new entries are those with neither a known key
+    (guid/id, else the link) nor a known link. Keys and links are matched by their
+    SHA-256, so any length fits an index."""
+
+    __tablename__ = "feed_entries"
+    __table_args__ = (
+        UniqueConstraint("feed_id", "key_hash", name="uq_feed_entries_feed_key"),
+        Index("ix_feed_entries_feed_link", "feed_id", "link_hash"),
+        Index("ix_feed_entries_pending", "handled_at", "statement_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    feed_id: Mapped[int] = mapped_column(BigId, ForeignKey("feeds.id", ondelete="CASCADE"))
+    key_hash: Mapped[str] = mapped_column(String(64))
+    entry_key: Mapped[str] = mapped_column(Text)
+    link_hash: Mapped[str | None] = mapped_column(String(64))
+    link: Mapped[str | None] = mapped_column(String(2000))
+    title: Mapped[str | None] = mapped_column(String(300))
+    # The statement made from it; NULL for the first run's backlog and for known aliases.
+    statement_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("statements.id"))
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # When the mode's action (blast started, editors told) was done; NULL while owed.
+    handled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -407,3 +407,34 @@ class Renderer:
                 b"\r\n--" + boundary + b"--\r\n",
             )
         )
+
+    def notice(
+        self, *, to: str, subject: str, template: str, context: Mapping[str, object]
+    ) -> bytes:
+        """A transactional mail to an editor (``email/<template>.txt`` and ``.html``): no
+        list headers, as it goes to the team, not to subscribers."""
+        _check(_ADDRESS, to, "recipient address")
+        values: dict[str, object] = {
+            "list_name": self.settings.list_name,
+            "site_host": self.settings.public_host,
+        }
+        values.update(context)
+        text = self.env.get_template(f"email/{template}.txt").render(values)
+        html = self._html(f"email/{template}.html", values)
+        boundary = f"=_m{secrets.token_hex(12)}".encode()
+        return b"".join(
+            (
+                self._from,
+                b"To: " + _mailbox(None, to) + CRLF,
+                _unstructured("Subject", subject),
+                b"Date: " + _date(int(time.time())) + CRLF,
+                b"Message-ID: " + make_message_id(self.settings, None, None).encode() + CRLF,
+                b"MIME-Version: 1.0\r\n",
+                _multipart(boundary),
+                _part_header(boundary, b"plain"),
+                _qp(_crlf(text).encode()),
+                CRLF + _part_header(boundary, b"html"),
+                _qp(_crlf(html).encode()),
+                b"\r\n--" + boundary + b"--\r\n",
+            )
+        )

@@ -144,6 +144,8 @@ def render(status: Status) -> RenderableType:
         blasts.caption = "no blast is scheduled, queued, sending or paused"
         blasts.caption_justify = "left"
     parts.append(blasts)
+    if f.feeds:
+        parts.append(_feeds_table(f))
     return Group(*parts)
 
 
@@ -151,6 +153,27 @@ def _bounce_cells(b: BlastBounces | None) -> tuple[str, str]:
     if b is None:
         return "", ""
     return f"{b.hard} ({b.hard_rate:.1%})", f"{b.complaints} ({b.complaint_rate:.2%})"
+
+
+def _feeds_table(f: Figures) -> Table:
+    """The site's feeds: a failing one shows its last error until a poll works again."""
+    feeds = Table(title="Site feeds", title_justify="left")
+    feeds.add_column("feed", overflow="fold")
+    feeds.add_column("state")
+    feeds.add_column("last poll")
+    feeds.add_column("last success")
+    feeds.add_column("error", overflow="fold", ratio=1)
+    for feed in f.feeds:
+        style = {"ok": "green", "failing": "bold red"}.get(feed.state, "yellow")
+        polled, ok = feed.last_polled_at, feed.last_ok_at
+        feeds.add_row(
+            feed.url,
+            Text(feed.state, style=style),
+            _age(f.at - polled.timestamp()) if polled else "never",
+            _age(f.at - ok.timestamp()) if ok else "never",
+            feed.last_error or "",
+        )
+    return feeds
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:

@@ -29,6 +29,8 @@ from mailer.tokens import ConfirmClaim, TokenError
 MAX_EMAIL_LENGTH = 254
 MAX_NAME_LENGTH = 200
 LEFT = (SubscriberStatus.unsubscribed, SubscriberStatus.bounced)
+MAX_SOURCE_LENGTH = 200  # subscribers.consent_source
+SOURCE_MARK = "source: "  # how a sign-up event's detail names the page signed up on
 
 
 class InvalidInput(ValueError):
@@ -95,6 +97,21 @@ def normalize_name(raw: object) -> str | None:
     return name
 
 
+def clean_source(raw: object) -> str | None:
+    """The form's ``source`` (the page signed up on): one line, at most 200 characters.
+    A hidden field the visitor cannot fix, so it is cut rather than refused."""
+    if not isinstance(raw, str):
+        return None
+    text = " ".join("".join(" " if has_control(ch) else ch for ch in raw).split())
+    return text[:MAX_SOURCE_LENGTH] or None
+
+
+def _with_source(detail: str | None, source: str | None) -> str | None:
+    if not source:
+        return detail
+    return f"{detail}; {SOURCE_MARK}{source}" if detail else f"{SOURCE_MARK}{source}"
+
+
 @dataclass(frozen=True)
 class Origin:
     """Where a request came from, recorded with every event."""
@@ -114,7 +131,13 @@ class Origin:
 
 
 async def subscribe(
-    session: AsyncSession, email: str, name: str | None, origin: Origin, *, resend_after_s: int
+    session: AsyncSession,
+    email: str,
+    name: str | None,
+    origin: Origin,
+    *,
+    resend_after_s: int,
+    source: str | None = None,
 ) -> int | None:
     """Record a sign-up. Returns the subscriber id to mail a confirmation to, or None.
 
@@ -123,14 +146,19 @@ async def subscribe(
     """
     for _attempt in range(2):
         try:
-            return await _subscribe_once(session, email, name, origin, resend_after_s)
+            return await _subscribe_once(session, email, name, origin, resend_after_s, source)
         except IntegrityError:  # a concurrent sign-up of the same address won the insert
             await session.rollback()
     raise RuntimeError("could not record sign-up")  # pragma: no cover
 
 
 async def _insert_new(
-    session: AsyncSession, email: str, name: str | None, origin: Origin, now: datetime
+    session: AsyncSession,
+    email: str,
+    name: str | None,
+    origin: Origin,
+    now: datetime,
+    source: str | None,
 ) -> int | None:
     """The common case, a new address, in two statements: the id, or None if it exists.
 
@@ -163,7 +191,7 @@ async def _insert_new(
             at=now,
             ip=event.ip,
             user_agent=event.user_agent,
-            detail=None,
+            detail=_with_source(None, source),
         )
     )
     await session.commit()
@@ -171,19 +199,26 @@ async def _insert_new(
 
 
 async def _subscribe_once(
-    session: AsyncSession, email: str, name: str | None, origin: Origin, resend_after_s: int
+    session: AsyncSession,
+    email: str,
+    name: str | None,
+    origin: Origin,
+    resend_after_s: int,
+    source: str | None,
 ) -> int | None:
     now = utcnow()
-    if (new_id := await _insert_new(session, email, name, origin, now)) is not None:
+    if (new_id := await _insert_new(session, email, name, origin, now, source)) is not None:
         return new_id
     sub = await session.scalar(select(Subscriber).where(Subscriber.email == email))
     if sub is None:
         sub = Subscriber(email=email, name=name, status=SubscriberStatus.pending)
         session.add(sub)
         await session.flush()
-        session.add(origin.event(sub.id, "signup"))
+        session.add(origin.event(sub.id, "signup", _with_source(None, source)))
     elif sub.status == SubscriberStatus.confirmed:
-        session.add(origin.event(sub.id, "signup_repeat", "already confirmed"))
+        session.add(
+            origin.event(sub.id, "signup_repeat", _with_source("already confirmed", source))
+        )
         await session.commit()
         return None
     elif sub.status in LEFT:
@@ -191,9 +226,9 @@ async def _subscribe_once(
         # name); the request waits for the owner's own click on the mailed link.
         sub.resubscribe_requested_at = now
         detail = f"again after {sub.status}; stays {sub.status} until confirmed"
-        session.add(origin.event(sub.id, "signup", detail))
+        session.add(origin.event(sub.id, "signup", _with_source(detail, source)))
     else:
-        session.add(origin.event(sub.id, "signup_repeat", "pending"))
+        session.add(origin.event(sub.id, "signup_repeat", _with_source("pending", source)))
     cutoff = now - timedelta(seconds=resend_after_s)
     claimed = await session.execute(
         update(Subscriber)
@@ -233,9 +268,26 @@ async def confirm(session: AsyncSession, claim: ConfirmClaim, origin: Origin) ->
     sub.consent_ip = origin.ip
     sub.consent_user_agent = (origin.user_agent or "")[:512] or None
     sub.consent_source = origin.source or "double opt-in"
+    if page := await _signed_up_on(session, sub.id):
+        sub.consent_source = f"{sub.consent_source} via {page}"[:MAX_SOURCE_LENGTH]
     session.add(origin.event(sub.id, "confirmed"))
     await session.commit()
     return sub
+
+
+async def _signed_up_on(session: AsyncSession, subscriber_id: int) -> str | None:
+    """The page of the latest sign-up that named one (the form's ``source``)."""
+    detail = await session.scalar(
+        select(SubscriberEvent.detail)
+        .where(
+            SubscriberEvent.subscriber_id == subscriber_id,
+            SubscriberEvent.kind.in_(("signup", "signup_repeat")),
+            SubscriberEvent.detail.contains(SOURCE_MARK, autoescape=True),
+        )
+        .order_by(SubscriberEvent.id.desc())
+        .limit(1)
+    )
+    return detail.partition(SOURCE_MARK)[2] or None if detail else None
 
 
 async def unsubscribe(

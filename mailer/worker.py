@@ -159,6 +159,12 @@ async def reconcile(ctx: dict[str, Any]) -> None:
     await blasts.reconcile(_ctx_runtime(ctx), ctx["queue"])
 
 
+async def poll_feeds(ctx: dict[str, Any]) -> None:
+    from mailer.feeds import Poller
+
+    await Poller(_ctx_runtime(ctx), ctx["queue"], ctx["renderer"], ctx["smtp"]).poll()
+
+
 def counted(name: str, timeout_s: float, task: Callable[..., Awaitable[Any]]) -> Any:
     """Count how each job ends in Redis, so the figures of every worker add up.
 
@@ -256,9 +262,17 @@ def worker_settings(settings: Settings, **overrides: Any) -> dict[str, Any]:
         ),
     ]
     reconciler = counted("reconcile", 120, reconcile)
+    crons = [cron(reconciler, name="reconcile", second=seconds, unique=True, timeout=120)]
+    if settings.feed_urls:  # the site's feeds, polled every FEED_POLL_S (mailer/feeds.py)
+        from mailer.feeds import cron_schedule
+
+        limit = int(settings.feed_timeout_s * 2 + 60)
+        feeds_job = counted("poll_feeds", limit, poll_feeds)
+        at, _ = cron_schedule(settings.feed_poll_s)
+        crons.append(cron(feeds_job, name="poll_feeds", second=at, unique=True, timeout=limit))
     values: dict[str, Any] = {
         "functions": functions,
-        "cron_jobs": [cron(reconciler, name="reconcile", second=seconds, unique=True, timeout=120)],
+        "cron_jobs": crons,
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "queue_name": settings.queue_name,
         "on_startup": make_startup(settings),
