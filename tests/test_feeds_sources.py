@@ -252,3 +252,21 @@ async def test_feeds_check_prints_what_would_be_imported_and_writes_nothing(
 
     code, _, err = await check(site.url("/error500"))
     assert code == 1 and err.strip() == f"error: {site.url('/error500')}: HTTP 404 Not Found"
+
+
+async def test_editors_add_takes_the_address_for_notices(settings: Settings) -> None:
+    async def mailer(*args: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            MAILER, *args, env=settings_env(settings),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await proc.communicate()
+        return int(proc.returncode or 0), out.decode(), err.decode()
+
+    code, out, err = await mailer("editors", "add", "Desk", "--email", "Desk@Campaign.Example")
+    assert code == 0, err
+    assert out.strip().splitlines()[-1].startswith("mlr_")
+    code, _, err = await mailer("editors", "add", "Other", "--email", "not-an-address")
+    assert code == 1 and err.startswith("error: email: ") and len(err.splitlines()) == 1
+    rows = await sql(settings, "SELECT name, email FROM editors ORDER BY id")
+    assert rows == [("Desk", "desk@campaign.example")]

@@ -40,7 +40,8 @@ def settings_overrides(site: SiteServer) -> dict[str, Any]:
 
 
 def cors_of(r: httpx.Response) -> str | None:
-    return r.headers.get("access-control-allow-origin")
+    value = r.headers.get("access-control-allow-origin")
+    return str(value) if value is not None else None
 
 
 async def test_cors_answers_the_site_and_refuses_other_origins(
