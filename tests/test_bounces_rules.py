@@ -5,6 +5,7 @@ and the figures on /metrics."""
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -13,10 +14,12 @@ import httpx
 import pytest
 from bounce_reports import arf, postfix_dsn
 from helpers import editor_token, seed_subscribers, sql, subscriber, subscriber_ids
+from rich.console import Console
 from smtpserver import SmtpServer
 from test_blasts import auth, blast, progress, publish, wait_status
 from test_metrics import scrape, value
 
+from mailer import status
 from mailer.bounces import BounceEvent, BounceKind, apply_event, ingest
 from mailer.bounces.stats import for_blast
 from mailer.config import Settings
@@ -24,6 +27,7 @@ from mailer.db import utcnow
 from mailer.models import Blast, Delivery
 from mailer.render import make_message_id
 from mailer.runtime import Runtime
+from mailer.worker import Queue
 
 VERP = {"verp_domain": "bounce.test"}
 T0 = datetime(2030, 1, 1, 12, tzinfo=UTC)
@@ -157,6 +161,7 @@ async def test_a_blast_pauses_itself_at_the_bounce_and_complaint_rates(
         figures = await for_blast(session, bounced)
     assert (figures.hard, figures.attempted, figures.complaints) == (31, 600, 0)
     assert round(figures.hard_rate, 4) == round(31 / 600, 4)
+    assert "31 (5.2%)" in await status_row(settings, runtime, bounced)  # `mailer status`
     # An editor who resumes has read the reason: the next bounce does not pause it again.
     r = await app_client.post(f"/api/blasts/{bounced}/resume", headers=auth(token))
     assert r.status_code == 200 and r.json()["reason"] is None
@@ -181,6 +186,19 @@ async def test_a_blast_pauses_itself_at_the_bounce_and_complaint_rates(
     assert (await progress(app_client, token, small))["status"] == "sending"
     paused = await sql(settings, "SELECT blast_id, kind FROM bounce_events WHERE paused_blast")
     assert sorted(paused) == sorted([(bounced, "hard"), (complained, "complaint")])
+
+
+async def status_row(settings: Settings, rt: Runtime, blast_id: int) -> str:
+    """The blast's row in ``mailer status``, rendered as a terminal would show it."""
+    queue = await Queue.connect(settings)
+    try:
+        shown = await status.collect(rt, queue)
+    finally:
+        await queue.close()
+    console = Console(file=io.StringIO(), width=250, color_system=None)
+    console.print(status.render(shown))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    return next(line for line in text.splitlines() if line.strip("│┃ ").startswith(str(blast_id)))
 
 
 def refusals(rcpt: str, attempt: int) -> str | None:
