@@ -291,3 +291,35 @@ async def test_provider_events_and_the_metrics(
     assert value(figures, "mailer_bounces_total", kind="unmatched") == 1
     assert value(figures, "mailer_bounces_total", kind="soft") == 0
     assert value(figures, "mailer_complaints_total") == 1
+
+
+@pytest.mark.parametrize("settings_overrides", [VERP])
+async def test_the_message_id_alone_identifies_and_an_address_alone_does_not(
+    settings: Settings, runtime: Runtime
+) -> None:
+    a = sorted((await seed_subscribers(settings, confirmed=3))["confirmed"])
+    ids = await subscriber_ids(settings, a)
+
+    def without_unsubscribe(original: bytes) -> bytes:
+        lines = original.split(b"\r\n")
+        return b"\r\n".join(ln for ln in lines if not ln.lower().startswith(b"list-unsubscribe"))
+
+    # A feedback loop that kept To and the HMAC Message-ID: the address is only a candidate,
+    # the Message-ID's HMAC proves subscriber and blast.
+    original, _ = sent(runtime, ids[a[0]], 77, a[0])
+    report = arf(without_unsubscribe(original), redact_to=False)
+    done = await ingest(runtime, report, source="smtp", envelope_to="complaints@bounce.test")
+    assert (done.kind, done.subscriber_id, done.blast_id) == (BounceKind.complaint, ids[a[0]], 77)
+    assert "(by message-id)" in done.summary
+    # The same Message-ID with another subscriber's address in To: the HMAC says no.
+    original, _ = sent(runtime, ids[a[1]], 77, a[1])
+    swapped = without_unsubscribe(original).replace(a[1].encode(), a[2].encode())
+    done = await ingest(runtime, arf(swapped, redact_to=False), source="smtp", envelope_to=None)
+    assert done.kind is BounceKind.unmatched and done.subscriber_id is None
+    # Only an address (a DSN to the complaints address naming a subscriber): unmatched.
+    plain = f"From: x@example.net\r\nTo: {a[2]}\r\nSubject: hi\r\n\r\nhi\r\n".encode()
+    dsn = postfix_dsn(plain, a[2], "complaints@bounce.test", whole_message=False)
+    done = await ingest(runtime, dsn, source="smtp", envelope_to="complaints@bounce.test")
+    assert done.kind is BounceKind.unmatched and "would be hard" in done.summary
+    statuses = [(await subscriber(settings, e)).status for e in a]  # type: ignore[union-attr]
+    assert statuses == ["unsubscribed", "confirmed", "confirmed"]
