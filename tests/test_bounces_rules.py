@@ -323,3 +323,30 @@ async def test_the_message_id_alone_identifies_and_an_address_alone_does_not(
     assert done.kind is BounceKind.unmatched and "would be hard" in done.summary
     statuses = [(await subscriber(settings, e)).status for e in a]  # type: ignore[union-attr]
     assert statuses == ["unsubscribed", "confirmed", "confirmed"]
+
+
+@pytest.mark.parametrize("settings_overrides", [VERP])
+async def test_export_shows_bounces_and_erase_scrubs_them(
+    settings: Settings, runtime: Runtime, app_client: httpx.AsyncClient
+) -> None:
+    email = (await seed_subscribers(settings, confirmed=1))["confirmed"][0]
+    sub_id = (await subscriber_ids(settings, [email]))[email]
+    original, envelope = sent(runtime, sub_id, 5, email)
+    await ingest(
+        runtime, postfix_dsn(original, email, envelope), source="cli", envelope_to=envelope
+    )
+    # A forged report quoting the address (in other case) is stored unmatched, and scrubbed too.
+    forged = postfix_dsn(b"Subject: x\r\n\r\n", email.upper(), "complaints@bounce.test")
+    await ingest(runtime, forged, source="cli", envelope_to="complaints@bounce.test")
+    token = await editor_token(settings)
+    r = await app_client.get(f"/api/subscribers/{sub_id}/export", headers=auth(token))
+    assert [(b["kind"], b["blast_id"], b["status"]) for b in r.json()["bounces"]] == [
+        ("hard", 5, "5.1.1")
+    ]
+    assert email in r.json()["bounces"][0]["diagnostic"]
+    r = await app_client.delete(f"/api/subscribers/{sub_id}", headers=auth(token))
+    assert r.status_code == 204
+    rows = await sql(settings, "SELECT subscriber_id, diagnostic, note, kind FROM bounce_events")
+    assert [r[3] for r in rows] == ["hard", "unmatched"]  # the counts stay
+    assert all(r[0] is None for r in rows)
+    assert not any(email in str(value).lower() for row in rows for value in row)
