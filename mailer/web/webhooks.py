@@ -23,9 +23,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from mailer.bounces import IngestResult, IngestUnavailable
 from mailer.bounces.providers import common, mailgun, postmark, sendgrid, ses
@@ -36,6 +38,36 @@ from mailer.web.context import get_ctx
 log = logging.getLogger("mailer.webhooks")
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+
+
+class Answer(BaseModel):
+    received: int  # events in the request
+    stored: int  # new events stored (and acted on)
+    duplicates: int  # events already stored: a retry or a replay, changed nothing
+    skipped: int  # deliveries, opens, clicks: not bounces, not stored
+    events: list[str]  # what each event did, one line each (the first 20)
+    detail: str | None = None  # e.g. "subscription to … confirmed"
+
+
+class Refusal(BaseModel):
+    detail: str
+
+
+def _doc() -> dict[str, Any]:
+    """OpenAPI for a webhook route: every answer it gives. The body is the provider's own
+    raw JSON (read, and for SendGrid verified, as bytes), so it is not described here."""
+    refusals = {
+        400: "the body is not the JSON this provider sends",
+        401: "no credentials or signature",
+        403: "wrong credentials, a signature that does not verify, stale or replayed",
+        404: "this provider's webhook is not configured",
+        413: "the body is over this provider's cap",
+        503: "the database is unavailable: the provider should retry",
+    }
+    return {
+        "responses": {200: {"model": Answer}}
+        | {code: {"model": Refusal, "description": why} for code, why in refusals.items()},
+    }
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -104,7 +136,7 @@ async def _run(
     return _answer(provider, received, results)
 
 
-@router.post("/ses")
+@router.post("/ses", **_doc())
 async def ses_webhook(request: Request) -> JSONResponse:
     """Amazon SES notifications through SNS (signature, topic and certificate checked)."""
     settings = get_ctx(request).runtime.settings
@@ -116,7 +148,7 @@ async def ses_webhook(request: Request) -> JSONResponse:
     return await _run(request, ses.PROVIDER, ses.MAX_BYTES, read)
 
 
-@router.post("/postmark")
+@router.post("/postmark", **_doc())
 async def postmark_webhook(request: Request) -> JSONResponse:
     """Postmark bounce and spam-complaint records (HTTP basic auth)."""
     settings = get_ctx(request).runtime.settings
@@ -132,7 +164,7 @@ async def postmark_webhook(request: Request) -> JSONResponse:
     return await _run(request, postmark.PROVIDER, postmark.MAX_BYTES, read)
 
 
-@router.post("/sendgrid")
+@router.post("/sendgrid", **_doc())
 async def sendgrid_webhook(request: Request) -> JSONResponse:
     """SendGrid's signed event webhook (ECDSA over timestamp + raw body)."""
     settings = get_ctx(request).runtime.settings
@@ -150,13 +182,14 @@ async def sendgrid_webhook(request: Request) -> JSONResponse:
     return await _run(request, sendgrid.PROVIDER, sendgrid.MAX_BYTES, read)
 
 
-@router.post("/mailgun")
+@router.post("/mailgun", **_doc())
 async def mailgun_webhook(request: Request) -> JSONResponse:
     """Mailgun webhooks (HMAC of timestamp + token; each token used once)."""
     runtime = get_ctx(request).runtime
     used: list[str] = []
 
     async def read(body: bytes) -> Received:
+        mailgun.configured(runtime.settings)
         doc = common.parse_json(body)
         token = mailgun.verify(runtime.settings, doc, time.time())
         await mailgun.claim(runtime.redis, runtime.keys, runtime.settings, token)

@@ -25,6 +25,7 @@ import hmac
 import re
 from collections.abc import Mapping
 
+from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from mailer.bounces.providers import common
@@ -44,10 +45,16 @@ REASONS = {
 _TOKEN = re.compile(r"[A-Za-z0-9]{10,200}")
 
 
-def verify(settings: Settings, doc: object, now: float) -> str:
-    """The request's one-time token, once its signature verifies and it is fresh."""
+def configured(settings: Settings) -> SecretStr:
+    """The signing key; 404 while there is none."""
     if settings.mailgun_signing_key is None:
         raise Rejected(404, "the Mailgun webhook is disabled: set MAILER_MAILGUN_SIGNING_KEY")
+    return settings.mailgun_signing_key
+
+
+def verify(settings: Settings, doc: object, now: float) -> str:
+    """The request's one-time token, once its signature verifies and it is fresh."""
+    signing_key = configured(settings)
     if not isinstance(doc, dict):
         raise Rejected(400, "expected a JSON object with signature and event-data")
     signed = common.obj(doc, "signature")
@@ -58,7 +65,7 @@ def verify(settings: Settings, doc: object, now: float) -> str:
     signed_at = common.number(timestamp)
     if signed_at is None or not _TOKEN.fullmatch(token):
         raise Rejected(403, "signature.timestamp or signature.token is malformed")
-    key = settings.mailgun_signing_key.get_secret_value().encode()
+    key = signing_key.get_secret_value().encode()
     expected = hmac.new(key, (timestamp + token).encode(), hashlib.sha256).hexdigest()
     matches = [hmac.compare_digest(expected, (g or "").strip().lower()) for g in given]
     if not any(matches):
