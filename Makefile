@@ -9,7 +9,7 @@ UV_VERSION := $(shell sed -n '/^name = "uv"$$/{n;s/version = "\(.*\)"/\1/p}' uv.
 UV     := UV_PROJECT_ENVIRONMENT=$(VENV) $(BIN)/uv
 EXTRAS ?= --extra dev
 
-.PHONY: dev test lint format typecheck install lock services browser bench clean
+.PHONY: dev test lint format typecheck install lock services browser tools bench clean
 
 $(STAMP): pyproject.toml uv.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,14 +29,18 @@ services:
 browser:
 	@bash scripts/ensure-browser.sh
 
+## Debian's promtool (package prometheus) and spamassassin, which tests run.
+tools:
+	@bash scripts/ensure-tools.sh
+
 ## Run the service on the embedded defaults: SQLite, SMTP catcher + /dev/inbox, web + worker.
 dev: install
 	@if redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then \
 	  export MAILER_REDIS_URL=$${MAILER_REDIS_URL:-redis://127.0.0.1:6379/0}; fi; \
-	MAILER_ENV=dev $(BIN)/mailer dev
+	$(BIN)/mailer dev
 
 ## Set everything up and run the whole suite (lint, types, tests on SQLite and PostgreSQL).
-test: install services browser lint typecheck
+test: install services browser tools lint typecheck
 	$(BIN)/pytest -q
 
 lint: install

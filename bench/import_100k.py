@@ -60,6 +60,8 @@ def fresh_env(workdir: Path, name: str, redis_url: str) -> dict[str, str]:
         MAILER_DATABASE_URL=f"sqlite+aiosqlite:///{workdir / (name + '.db')}",
         MAILER_REDIS_URL=redis_url,
         MAILER_QUEUE_NAME=f"bench-import-{uuid.uuid4().hex[:8]}",
+        MAILER_BASE_URL="https://news.example.org",
+        MAILER_SECRET_KEY="bench-secret-key-0123456789abcdef",
     )
     subprocess.run([MAILER, "migrate"], env=env, check=True, capture_output=True)
     return env

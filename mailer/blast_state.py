@@ -79,7 +79,8 @@ def start_sending(blast: Blast, total: int) -> None:
 # The worker's writes -----------------------------------------------------------------
 
 
-async def _pause_if_sending(session: AsyncSession, blast_id: int, reason: str) -> bool:
+async def pause_in_session(session: AsyncSession, blast_id: int, reason: str) -> bool:
+    """Pause a sending blast inside the caller's transaction (bounce rules use it)."""
     result = await session.execute(
         update(Blast)
         .where(Blast.id == blast_id, Blast.status == BlastStatus.sending)
@@ -100,7 +101,7 @@ def _log_paused(blast_id: int, reason: str) -> None:
 async def pause_if_sending(runtime: Runtime, blast_id: int, reason: str) -> bool:
     """Pause a sending blast for a reason an editor must act on (an unusable relay)."""
     async with runtime.sessions() as session:
-        paused = await _pause_if_sending(session, blast_id, reason)
+        paused = await pause_in_session(session, blast_id, reason)
         await session.commit()
     if paused:
         _log_paused(blast_id, reason)
@@ -133,7 +134,7 @@ async def count_policy_failures(
         f"(last: {code} {error}); the sender's reputation or "
         f"authentication needs attention before resuming"
     )
-    if await _pause_if_sending(session, blast_id, reason):
+    if await pause_in_session(session, blast_id, reason):
         _log_paused(blast_id, reason)
     return reason
 

@@ -1,7 +1,8 @@
 """The double opt-in mail: one job per sign-up, retried on transient failures.
 
-It is sent only while the subscriber is still pending, so a retry that runs after
-the visitor already confirmed (or left) sends nothing.
+It is sent only while the subscriber is still pending, or left earlier and signed up
+again since (the row keeps its status until this mail's link is clicked), so a retry
+that runs after the visitor already confirmed (or left) sends nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from mailer.models import Subscriber, SubscriberEvent, SubscriberStatus
 from mailer.render import Renderer
 from mailer.runtime import Runtime
 from mailer.smtp import PermanentSendError, PolicyError, SmtpPool, TransientSendError
-from mailer.subscriptions import mark_bounced
+from mailer.subscriptions import LEFT, mark_bounced
 
 log = logging.getLogger("mailer.confirmations")
 
@@ -22,16 +23,21 @@ class RetryLater(MailerError):
     """A transient failure: the queue should run the job again after a backoff."""
 
 
+def awaits_confirmation(sub: Subscriber) -> bool:
+    """Pending, or left and signed up again since: the two cases a confirmation mail is for."""
+    if sub.status == SubscriberStatus.pending:
+        return True
+    return sub.status in LEFT and sub.resubscribe_requested_at is not None
+
+
 async def send(runtime: Runtime, smtp: SmtpPool, renderer: Renderer, subscriber_id: int) -> str:
     async with runtime.sessions() as session:
         sub = await session.get(Subscriber, subscriber_id)
-        if sub is None or sub.status != SubscriberStatus.pending:
+        if sub is None or not awaits_confirmation(sub):
             return "not pending"
-        email, name = sub.email, sub.name
+        email = sub.email  # the name stays out: a stranger may have typed it
     try:
-        data = renderer.confirmation(
-            to=email, name=name, confirm_url=runtime.confirm_url(subscriber_id)
-        )
+        data = renderer.confirmation(to=email, confirm_url=runtime.confirm_url(subscriber_id))
     except ValueError as exc:  # a stored value that cannot go on the wire safely
         async with runtime.sessions() as session:
             session.add(

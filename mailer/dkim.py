@@ -3,6 +3,14 @@
 RFC 8058 requires List-Unsubscribe and List-Unsubscribe-Post to be covered by the
 signature, and dkimpy's default header list leaves the second one out, so the
 list is given explicitly. The key is read once per process, not per message.
+
+The headers a reader sees or a filter acts on are *oversigned*: named once more in
+``h=`` than they occur (RFC 6376 §5.4.2), the extra name standing for an instance
+that does not exist. A verifier hashes an empty header for it, so anyone who adds a
+second Subject (or From, List-Unsubscribe…) after signing breaks the signature,
+instead of having a mail client show their copy above a valid one. An oversigned
+header we did not send at all (a confirmation has no List-Unsubscribe) is named once,
+which forbids adding it later (docs/security.md).
 dkimpy's RSA is pure Python (several ms of CPU per message): a relay that signs
 for you (SES, Postmark, Mailgun) is far cheaper at volume — see docs/deploy.md.
 """
@@ -23,6 +31,16 @@ SIGNED_HEADERS = [
     b"mime-version",
     b"content-type",
     b"list-id",
+    b"list-unsubscribe",
+    b"list-unsubscribe-post",
+    b"feedback-id",
+]
+OVERSIGNED_HEADERS = [
+    b"from",
+    b"to",
+    b"subject",
+    b"date",
+    b"message-id",
     b"list-unsubscribe",
     b"list-unsubscribe-post",
     b"feedback-id",
@@ -66,7 +84,7 @@ class DkimSigner:
             for line in message.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
             if line and not line[:1].isspace()
         }
-        headers = [h for h in SIGNED_HEADERS if h in present]
+        headers = [h for h in SIGNED_HEADERS if h in present] + OVERSIGNED_HEADERS
         signature = dkim.sign(
             message,
             self.selector,

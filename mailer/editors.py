@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mailer.models import Editor
-from mailer.subscriptions import InvalidInput
+from mailer.subscriptions import InvalidInput, normalize_email
 
 TOKEN_PREFIX = "mlr_"  # noqa: S105 - a label, not a secret
 
@@ -24,13 +24,16 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-async def add_editor(session: AsyncSession, name: str) -> str:
-    """Create an editor and return its token; the token itself is never stored."""
+async def add_editor(session: AsyncSession, name: str, email: str | None = None) -> str:
+    """Create an editor and return its token; the token itself is never stored.
+
+    ``email`` is where editor notices go (a new statement on the site to review)."""
     name = name.strip()
     if not name or len(name) > 100 or not name.isprintable():
         raise InvalidInput("name", "must be 1-100 printable characters")
+    address = normalize_email(email) if email is not None else None
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    session.add(Editor(name=name, token_hash=hash_token(token)))
+    session.add(Editor(name=name, token_hash=hash_token(token), email=address))
     try:
         await session.commit()
     except IntegrityError:

@@ -1,7 +1,9 @@
 """Subscribers to CSV, streamed: the list can be far larger than memory.
 
 The columns are exactly what ``mailer subscribers import`` reads, so an export
-imported elsewhere keeps every subscriber, status and consent record.
+imported elsewhere keeps every subscriber, status and consent record. Cells that a
+spreadsheet would run as a formula are neutralised (``mailer.csvsafe``); the import
+undoes exactly that, so the round trip is lossless.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import TextIO
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from mailer.csvsafe import neutralise
 from mailer.db import readonly
 from mailer.models import Subscriber
 
@@ -35,7 +38,7 @@ def _cell(value: object) -> str:
         return ""
     if isinstance(value, datetime):
         return value.isoformat()
-    return str(value)
+    return neutralise(str(value))
 
 
 async def export_csv(engine: AsyncEngine, out: TextIO, status: str | None = None) -> int:

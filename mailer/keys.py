@@ -14,6 +14,15 @@ class Keys:
     def subscribe_ip(self, ip: str, window: int) -> str:
         return f"{self.queue}:ratelimit:subscribe:{ip}:{window}"
 
+    def confirm_cooldown(self, address_digest: str) -> str:
+        """Set while a confirmation mail to one canonical address is recent (a hash, not
+        the address: Redis never holds who signed up)."""
+        return f"{self.queue}:ratelimit:confirm:address:{address_digest}"
+
+    def confirm_domain(self, domain: str, hour: int) -> str:
+        """Confirmation mails from the sign-up form to one recipient domain in one hour."""
+        return f"{self.queue}:ratelimit:confirm:domain:{domain}:{hour}"
+
     @property
     def throttle_global(self) -> str:
         return f"{self.queue}:throttle:global"
@@ -81,6 +90,15 @@ class Keys:
     def admin_preview(self, editor_id: int, draft_id: str) -> str:
         """A draft being composed in the admin UI, kept briefly for its preview frame."""
         return f"{self.queue}:admin:preview:{editor_id}:{draft_id}"
+
+    def webhook_token(self, provider: str, token: str) -> str:
+        """A provider's one-time webhook token, kept (with a TTL) once used: a replay is refused."""
+        return f"{self.queue}:webhooks:{provider}:token:{token}"
+
+    @property
+    def feed_poll_lock(self) -> str:
+        """Held while the site's feeds are polled, so two polls never overlap."""
+        return f"{self.queue}:feeds:poll-lock"
 
     # arq's own job keys (arq:job:<id>) are not scoped by queue, so our job ids are.
 

@@ -79,6 +79,9 @@ class Subscriber(Base):
     unsubscribed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     bounced_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     confirm_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Someone posted this unsubscribed/bounced address to the sign-up form: the row keeps
+    # its status until a confirmation link mailed after this is clicked (docs/security.md).
+    resubscribe_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Consent record: who confirmed, from where, through what.
     consent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     consent_ip: Mapped[str | None] = mapped_column(String(64))
@@ -122,6 +125,8 @@ class Editor(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Where notices for editors go ("new statement on the site"); optional.
+    email: Mapped[str | None] = mapped_column(String(320))
 
 
 class Statement(Base):
@@ -137,6 +142,11 @@ class Statement(Base):
     editor_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("editors.id"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # Where it came from: None when an editor wrote it, STATEMENT_FROM_SITE from a feed.
+    source: Mapped[str | None] = mapped_column(String(16))
+
+
+STATEMENT_FROM_SITE = "feed"
 
 
 class BlastStatus(StrEnum):
@@ -201,3 +211,88 @@ class Delivery(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_code: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(String(500))
+
+
+class BounceKind(StrEnum):
+    hard = "hard"  # the address is dead: the subscriber becomes bounced at once
+    soft = "soft"  # counted; bounced after MAILER_SOFT_BOUNCE_LIMIT within the window
+    complaint = "complaint"  # "report spam": unsubscribed and suppressed
+    policy = "policy"  # the receiver refuses the sender (5.7.x): never the subscriber's fault
+    ignored = "ignored"  # auto-replies, delivery notices: stored, changes nothing
+    unmatched = "unmatched"  # no signed evidence of who: stored, changes nothing
+
+
+class StoredBounce(Base):
+    """Every bounce, complaint or ignored report, once (docs/bounces.md).
+
+    ``fingerprint`` makes ingestion idempotent: the same DSN read twice, or a webhook
+    retried by its provider, finds its row and changes nothing more. No foreign keys, like
+    ``deliveries``: erasing a subscriber sets ``subscriber_id`` to NULL itself.
+    """
+
+    __tablename__ = "bounce_events"
+    __table_args__ = (
+        Index("ix_bounce_events_blast_kind", "blast_id", "kind"),
+        Index("ix_bounce_events_subscriber", "subscriber_id", "kind", "received_at"),
+        Index("ix_bounce_events_received", "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(100), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    report: Mapped[str] = mapped_column(String(16))  # dsn, arf, text, other, smtp, webhook
+    source: Mapped[str] = mapped_column(String(40))  # cli, smtp, send, webhook:<provider>
+    blast_id: Mapped[int | None] = mapped_column(BigId)
+    subscriber_id: Mapped[int | None] = mapped_column(BigId)
+    evidence: Mapped[str | None] = mapped_column(String(32))  # what proved who
+    status: Mapped[str | None] = mapped_column(String(16))  # enhanced code, e.g. 5.1.1
+    code: Mapped[int | None] = mapped_column(Integer)  # SMTP reply code, e.g. 550
+    diagnostic: Mapped[str | None] = mapped_column(String(500))
+    note: Mapped[str | None] = mapped_column(String(300))  # what was done, or why not
+    paused_blast: Mapped[bool] = mapped_column(Boolean, default=False)
+    raw_size: Mapped[int] = mapped_column(Integer, default=0)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Feed(Base):
+    """One of the site's feeds (``MAILER_FEED_URLS``): its cache validators and its health."""
+
+    __tablename__ = "feeds"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    url: Mapped[str] = mapped_column(String(2000), unique=True)
+    etag: Mapped[str | None] = mapped_column(String(500))
+    last_modified: Mapped[str | None] = mapped_column(String(100))
+    last_polled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_ok_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(String(1000))
+    last_error_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # False until a poll succeeded: that poll records the backlog as seen, mailing nothing.
+    first_run_done: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class FeedEntry(Base):
+    """An entry of a feed, seen once: new entries are those with neither a known key
+    (guid/id, else the link) nor a known link. Keys and links are matched by their
+    SHA-256, so any length fits an index."""
+
+    __tablename__ = "feed_entries"
+    __table_args__ = (
+        UniqueConstraint("feed_id", "key_hash", name="uq_feed_entries_feed_key"),
+        Index("ix_feed_entries_feed_link", "feed_id", "link_hash"),
+        Index("ix_feed_entries_pending", "handled_at", "statement_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    feed_id: Mapped[int] = mapped_column(BigId, ForeignKey("feeds.id", ondelete="CASCADE"))
+    key_hash: Mapped[str] = mapped_column(String(64))
+    entry_key: Mapped[str] = mapped_column(Text)
+    link_hash: Mapped[str | None] = mapped_column(String(64))
+    link: Mapped[str | None] = mapped_column(String(2000))
+    title: Mapped[str | None] = mapped_column(String(300))
+    # The statement made from it; NULL for the first run's backlog and for known aliases.
+    statement_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("statements.id"))
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # When the mode's action (blast started, editors told) was done; NULL while owed.
+    handled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,7 +30,14 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from mailer.config import Settings
-from mailer.models import Blast, Delivery, Subscriber, SubscriberEvent, Suppression
+from mailer.models import (
+    Blast,
+    Delivery,
+    StoredBounce,
+    Subscriber,
+    SubscriberEvent,
+    Suppression,
+)
 
 # Domain separation: the HMAC key is derived from the secret, never the secret itself,
 # so a suppression hash can never double as (or help forge) a signed token.
@@ -95,6 +103,11 @@ async def export_subscriber(session: AsyncSession, subscriber_id: int) -> dict[s
     deliveries = await session.scalars(
         select(Delivery).where(Delivery.subscriber_id == subscriber_id).order_by(Delivery.id)
     )
+    bounces = await session.scalars(
+        select(StoredBounce)
+        .where(StoredBounce.subscriber_id == subscriber_id)
+        .order_by(StoredBounce.id)
+    )
     return {
         "id": sub.id,
         "email": sub.email,
@@ -106,6 +119,7 @@ async def export_subscriber(session: AsyncSession, subscriber_id: int) -> dict[s
         "unsubscribed_at": _iso(sub.unsubscribed_at),
         "bounced_at": _iso(sub.bounced_at),
         "confirm_sent_at": _iso(sub.confirm_sent_at),
+        "resubscribe_requested_at": _iso(sub.resubscribe_requested_at),
         "consent": {
             "at": _iso(sub.consent_at),
             "ip": sub.consent_ip,
@@ -133,7 +147,38 @@ async def export_subscriber(session: AsyncSession, subscriber_id: int) -> dict[s
             }
             for d in deliveries
         ],
+        "bounces": [
+            {
+                "kind": b.kind,
+                "blast_id": b.blast_id,
+                "received_at": _iso(b.received_at),
+                "source": b.source,
+                "status": b.status,
+                "diagnostic": b.diagnostic,
+            }
+            for b in bounces
+        ],
     }
+
+
+ERASED = "[erased address]"
+
+
+async def _scrub_blast_reasons(session: AsyncSession, email: str) -> None:
+    """The address out of ``blasts.reason`` in any letter case: relays echo addresses as
+    they like (``<Erase.Me@EXAMPLE.org>``), and SQL's REPLACE matches case only."""
+    found = await session.execute(
+        select(Blast.id, Blast.reason).where(
+            func.lower(Blast.reason).contains(email.lower(), autoescape=True)
+        )
+    )
+    pattern = re.compile(re.escape(email), re.IGNORECASE)
+    for blast_id, reason in found.all():
+        await session.execute(
+            update(Blast)
+            .where(Blast.id == blast_id)
+            .values(reason=pattern.sub(ERASED, reason or ""))
+        )
 
 
 async def erase_subscriber(session: AsyncSession, settings: Settings, subscriber_id: int) -> bool:
@@ -157,10 +202,17 @@ async def erase_subscriber(session: AsyncSession, settings: Settings, subscriber
         .where(Delivery.subscriber_id == subscriber_id)
         .values(subscriber_id=None, last_error=None)
     )
+    await _scrub_blast_reasons(session, email)
+    # Bounce reports often quote the address in their diagnostic (docs/bounces.md).
     await session.execute(
-        update(Blast)
-        .where(Blast.reason.contains(email, autoescape=True))
-        .values(reason=func.replace(Blast.reason, email, "[erased address]"))
+        update(StoredBounce)
+        .where(StoredBounce.subscriber_id == subscriber_id)
+        .values(subscriber_id=None, diagnostic=None)
+    )
+    await session.execute(
+        update(StoredBounce)
+        .where(func.lower(StoredBounce.diagnostic).contains(email.lower(), autoescape=True))
+        .values(diagnostic=None)
     )
     await session.execute(delete(Subscriber).where(Subscriber.id == subscriber_id))
     digest = email_hash(settings, email)

@@ -27,6 +27,7 @@ SEND_CONFIRMATION = "send_confirmation"
 SEND_BATCH = "send_batch"
 START_BLAST = "start_blast"
 RECONCILE = "reconcile"
+POLL_FEEDS = "poll_feeds"  # a cron job, registered only when MAILER_FEED_URLS is set
 
 
 class Queue:

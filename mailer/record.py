@@ -19,11 +19,11 @@ from typing import Any
 from sqlalchemy import update
 
 from mailer.blast_state import count_policy_failures
+from mailer.bounces import apply_events, send_event
 from mailer.db import utcnow
 from mailer.models import Delivery, DeliveryStatus
 from mailer.runtime import Runtime
 from mailer.stats import OutcomeStatus, SendStats
-from mailer.subscriptions import mark_bounced
 
 log = logging.getLogger("mailer.record")
 
@@ -98,7 +98,9 @@ class Recorder:
         for o in batch:
             by_status.setdefault(o.status, []).append(o.delivery_id)
         policy = [o for o in batch if o.policy]
-        bounced = [o for o in batch if o.suppress]
+        # Permanent refusals during the transaction are bounce events (docs/bounces.md).
+        refused = [send_event(o.blast_id, o.subscriber_id, o.code, o.error)
+                   for o in batch if o.status == "failed" and o.code is not None]  # fmt: skip
         async with self.runtime.sessions() as session:
             if ids := by_status.get(OutcomeStatus.sent):
                 await session.execute(
@@ -135,12 +137,10 @@ class Recorder:
                 await session.execute(
                     update(Delivery).where(Delivery.id == o.delivery_id).values(**values)
                 )
-            if bounced:
-                await mark_bounced(
-                    session,
-                    [o.subscriber_id for o in bounced],
-                    f"blast {bounced[0].blast_id}: {bounced[0].code} {bounced[0].error}",
-                )
+            applied = await apply_events(session, self.runtime.settings, refused, now)
+            for event, result in zip(refused, applied, strict=True):
+                if result.paused and event.blast_id is not None:
+                    self.paused[event.blast_id] = result.paused
             for blast_id in blasts:
                 rejected = [o for o in policy if o.blast_id == blast_id]
                 if rejected:

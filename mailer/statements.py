@@ -12,6 +12,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from html.parser import HTMLParser
+from typing import Any
 from urllib.parse import urlsplit
 
 import nh3
@@ -38,14 +39,16 @@ _ATTRIBUTES: dict[str, set[str]] = {
 _ATTRIBUTES["th"] = _ATTRIBUTES["th"] | {"style"}  # markdown-it writes table alignment as style
 _ATTRIBUTES["td"] = _ATTRIBUTES["td"] | {"style"}
 
-_cleaner = nh3.Cleaner(
-    tags=set(nh3.ALLOWED_TAGS),
-    clean_content_tags={"script", "style", "iframe", "object", "embed", "noscript", "template"},
-    attributes=_ATTRIBUTES,
-    url_schemes={"http", "https", "mailto", "tel"},
-    link_rel="noopener",
-    filter_style_properties={"text-align"},
-)
+# The one allow-list for statement HTML, Markdown's and the site's (mailer/cms_html.py).
+CLEANER_OPTIONS: dict[str, Any] = {
+    "tags": set(nh3.ALLOWED_TAGS),
+    "clean_content_tags": {"script", "style", "iframe", "object", "embed", "noscript", "template"},
+    "attributes": _ATTRIBUTES,
+    "url_schemes": {"http", "https", "mailto", "tel"},
+    "link_rel": "noopener",
+    "filter_style_properties": {"text-align"},
+}
+_cleaner = nh3.Cleaner(**CLEANER_OPTIONS)
 
 
 def sanitize_html(html: str) -> str:

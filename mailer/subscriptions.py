@@ -2,8 +2,10 @@
 
 Every transition is a single short transaction that also appends an event, so
 ``subscriber_events`` is the proof of consent and of every opt-out. Replies to
-the visitor never reveal whether an address was already known
-(docs/design.md, invariant 8).
+the visitor never reveal whether an address was already known (docs/design.md, invariant 8).
+Who left stays gone: a sign-up of an unsubscribed or bounced address only records
+the request beside the row, and nothing but a click on a confirmation link mailed
+after the latest unsubscribe or bounce brings the person back (docs/security.md).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from mailer.tokens import ConfirmClaim, TokenError
 
 MAX_EMAIL_LENGTH = 254
 MAX_NAME_LENGTH = 200
+LEFT = (SubscriberStatus.unsubscribed, SubscriberStatus.bounced)
+MAX_SOURCE_LENGTH = 200  # subscribers.consent_source
+SOURCE_MARK = "source: "  # how a sign-up event's detail names the page signed up on
 
 
 class InvalidInput(Invalid):
@@ -56,6 +61,23 @@ def normalize_email(raw: object) -> str:
     return address
 
 
+GMAIL_DOMAINS = ("gmail.com", "googlemail.com")
+
+
+def canonical_address(email: str) -> str:
+    """The mailbox an address reaches, for limits that a spelling must not get around.
+
+    Lower case, the ``+tag`` dropped (most providers deliver ``a+x@`` to ``a@``), and for
+    Gmail the dots too (``a.b@gmail.com`` is ``ab@gmail.com``; googlemail.com is the same
+    service). Only ever a key for counting: mail still goes to the address as given.
+    """
+    local, _, domain = email.lower().rpartition("@")
+    local = local.partition("+")[0] or local
+    if domain in GMAIL_DOMAINS:
+        local, domain = local.replace(".", "") or local, GMAIL_DOMAINS[0]
+    return f"{local}@{domain}"
+
+
 def normalize_name(raw: object) -> str | None:
     if raw is None:
         return None
@@ -69,6 +91,21 @@ def normalize_name(raw: object) -> str | None:
     if has_control(name):
         raise InvalidInput("name", "must not contain control characters or line breaks")
     return name
+
+
+def clean_source(raw: object) -> str | None:
+    """The form's ``source`` (the page signed up on): one line, at most 200 characters.
+    A hidden field the visitor cannot fix, so it is cut rather than refused."""
+    if not isinstance(raw, str):
+        return None
+    text = " ".join("".join(" " if has_control(ch) else ch for ch in raw).split())
+    return text[:MAX_SOURCE_LENGTH] or None
+
+
+def _with_source(detail: str | None, source: str | None) -> str | None:
+    if not source:
+        return detail
+    return f"{detail}; {SOURCE_MARK}{source}" if detail else f"{SOURCE_MARK}{source}"
 
 
 @dataclass(frozen=True)
@@ -90,7 +127,13 @@ class Origin:
 
 
 async def subscribe(
-    session: AsyncSession, email: str, name: str | None, origin: Origin, *, resend_after_s: int
+    session: AsyncSession,
+    email: str,
+    name: str | None,
+    origin: Origin,
+    *,
+    resend_after_s: int,
+    source: str | None = None,
 ) -> int | None:
     """Record a sign-up. Returns the subscriber id to mail a confirmation to, or None.
 
@@ -99,14 +142,19 @@ async def subscribe(
     """
     for _attempt in range(2):
         try:
-            return await _subscribe_once(session, email, name, origin, resend_after_s)
+            return await _subscribe_once(session, email, name, origin, resend_after_s, source)
         except IntegrityError:  # a concurrent sign-up of the same address won the insert
             await session.rollback()
     raise RuntimeError("could not record sign-up")  # pragma: no cover
 
 
 async def _insert_new(
-    session: AsyncSession, email: str, name: str | None, origin: Origin, now: datetime
+    session: AsyncSession,
+    email: str,
+    name: str | None,
+    origin: Origin,
+    now: datetime,
+    source: str | None,
 ) -> int | None:
     """The common case, a new address, in two statements: the id, or None if it exists.
 
@@ -139,7 +187,7 @@ async def _insert_new(
             at=now,
             ip=event.ip,
             user_agent=event.user_agent,
-            detail=None,
+            detail=_with_source(None, source),
         )
     )
     await session.commit()
@@ -147,29 +195,36 @@ async def _insert_new(
 
 
 async def _subscribe_once(
-    session: AsyncSession, email: str, name: str | None, origin: Origin, resend_after_s: int
+    session: AsyncSession,
+    email: str,
+    name: str | None,
+    origin: Origin,
+    resend_after_s: int,
+    source: str | None,
 ) -> int | None:
     now = utcnow()
-    if (new_id := await _insert_new(session, email, name, origin, now)) is not None:
+    if (new_id := await _insert_new(session, email, name, origin, now, source)) is not None:
         return new_id
     sub = await session.scalar(select(Subscriber).where(Subscriber.email == email))
     if sub is None:
         sub = Subscriber(email=email, name=name, status=SubscriberStatus.pending)
         session.add(sub)
         await session.flush()
-        session.add(origin.event(sub.id, "signup"))
+        session.add(origin.event(sub.id, "signup", _with_source(None, source)))
     elif sub.status == SubscriberStatus.confirmed:
-        session.add(origin.event(sub.id, "signup_repeat", "already confirmed"))
+        session.add(
+            origin.event(sub.id, "signup_repeat", _with_source("already confirmed", source))
+        )
         await session.commit()
         return None
-    elif sub.status in (SubscriberStatus.unsubscribed, SubscriberStatus.bounced):
-        previous = sub.status
-        sub.status = SubscriberStatus.pending
-        if name:
-            sub.name = name
-        session.add(origin.event(sub.id, "signup", f"again after {previous}"))
+    elif sub.status in LEFT:
+        # Anyone can type an address: the row stays as its owner left it (and keeps its
+        # name); the request waits for the owner's own click on the mailed link.
+        sub.resubscribe_requested_at = now
+        detail = f"again after {sub.status}; stays {sub.status} until confirmed"
+        session.add(origin.event(sub.id, "signup", _with_source(detail, source)))
     else:
-        session.add(origin.event(sub.id, "signup_repeat", "pending"))
+        session.add(origin.event(sub.id, "signup_repeat", _with_source("pending", source)))
     cutoff = now - timedelta(seconds=resend_after_s)
     claimed = await session.execute(
         update(Subscriber)
@@ -182,27 +237,53 @@ async def _subscribe_once(
     return sub_id if claimed.rowcount == 1 else None  # type: ignore[attr-defined]
 
 
+def left_at(sub: Subscriber) -> datetime | None:
+    """When the person last left: the later of their unsubscribe and their bounce."""
+    times = [t for t in (sub.unsubscribed_at, sub.bounced_at) if t is not None]
+    return max(times) if times else None
+
+
 async def confirm(session: AsyncSession, claim: ConfirmClaim, origin: Origin) -> Subscriber:
-    """Confirm (idempotent). A link older than a later unsubscribe or bounce no longer works."""
+    """Confirm (idempotent). A link older than the latest unsubscribe or bounce no longer
+    works, and someone who left comes back only through a re-sign-up's new link."""
     sub = await session.get(Subscriber, claim.subscriber_id, with_for_update=True)
     if sub is None:
         raise TokenError("This confirmation link is not valid.")
     if sub.status == SubscriberStatus.confirmed:
         return sub
-    if sub.status != SubscriberStatus.pending:
-        ended = sub.unsubscribed_at or sub.bounced_at
-        if ended is None or claim.issued_at <= ended.timestamp():
-            raise TokenError("This confirmation link is no longer valid.", expired=True)
+    ended = left_at(sub)
+    if (ended is not None and claim.issued_at <= ended.timestamp()) or (
+        sub.status != SubscriberStatus.pending and sub.resubscribe_requested_at is None
+    ):
+        raise TokenError("This confirmation link is no longer valid.", expired=True)
     now = utcnow()
+    sub.resubscribe_requested_at = None
     sub.status = SubscriberStatus.confirmed
     sub.confirmed_at = now
     sub.consent_at = now
     sub.consent_ip = origin.ip
     sub.consent_user_agent = (origin.user_agent or "")[:512] or None
     sub.consent_source = origin.source or "double opt-in"
+    if page := await _signed_up_on(session, sub.id):
+        sub.consent_source = f"{sub.consent_source} via {page}"[:MAX_SOURCE_LENGTH]
     session.add(origin.event(sub.id, "confirmed"))
     await session.commit()
     return sub
+
+
+async def _signed_up_on(session: AsyncSession, subscriber_id: int) -> str | None:
+    """The page of the latest sign-up that named one (the form's ``source``)."""
+    detail = await session.scalar(
+        select(SubscriberEvent.detail)
+        .where(
+            SubscriberEvent.subscriber_id == subscriber_id,
+            SubscriberEvent.kind.in_(("signup", "signup_repeat")),
+            SubscriberEvent.detail.contains(SOURCE_MARK, autoescape=True),
+        )
+        .order_by(SubscriberEvent.id.desc())
+        .limit(1)
+    )
+    return detail.partition(SOURCE_MARK)[2] or None if detail else None
 
 
 async def unsubscribe(
@@ -212,9 +293,11 @@ async def unsubscribe(
     sub = await session.get(Subscriber, subscriber_id, with_for_update=True)
     if sub is None:
         raise TokenError("This unsubscribe link is not valid.")
-    if sub.status != SubscriberStatus.unsubscribed:
+    if sub.status != SubscriberStatus.unsubscribed or sub.resubscribe_requested_at is not None:
+        # Also when a re-sign-up is waiting: leaving again voids the links mailed for it.
         sub.status = SubscriberStatus.unsubscribed
         sub.unsubscribed_at = utcnow()
+        sub.resubscribe_requested_at = None
         session.add(origin.event(sub.id, "unsubscribed", how))
         await session.commit()
     return sub
@@ -230,8 +313,13 @@ async def mark_bounced(
     await session.execute(
         update(Subscriber)
         .where(Subscriber.id.in_(subscriber_ids))
-        .where(Subscriber.status != SubscriberStatus.bounced)
-        .values(status=SubscriberStatus.bounced, bounced_at=when)
+        .where(
+            or_(
+                Subscriber.status != SubscriberStatus.bounced,
+                Subscriber.resubscribe_requested_at.is_not(None),
+            )
+        )
+        .values(status=SubscriberStatus.bounced, bounced_at=when, resubscribe_requested_at=None)
     )
     session.add_all(
         SubscriberEvent(subscriber_id=sid, kind="bounced", detail=detail[:500])

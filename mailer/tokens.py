@@ -8,6 +8,7 @@ keys in ``MAILER_OLD_SECRET_KEYS`` still verify, new tokens use the current key.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import time
 from dataclasses import dataclass
@@ -36,6 +37,18 @@ class TokenError(MailerError):
 class ConfirmClaim:
     subscriber_id: int
     issued_at: float
+
+
+@dataclass(frozen=True)
+class BounceClaim:
+    subscriber_id: int
+    blast_id: int | None
+
+
+def _verp_mac(key: str, parts: list[str]) -> str:
+    message = ("verp2:" + ":".join(parts)).encode()
+    digest = hmac.new(key.encode(), message, "sha256").digest()[:10]  # 80 bits
+    return base64.b32encode(digest).decode().lower()
 
 
 class _ClockedSerializer(URLSafeTimedSerializer):
@@ -79,20 +92,31 @@ class Tokens:
 
     # Bounces ----------------------------------------------------------------
 
-    def bounce_tag(self, subscriber_id: int) -> str:
-        """A short signed tag for VERP addresses (``bounces+TAG@domain``): id and 8 MAC chars."""
-        mac = hmac.new(self._keys[-1].encode(), f"verp:{subscriber_id}".encode(), "sha256")
-        return f"{subscriber_id}-{mac.hexdigest()[:8]}"
+    def bounce_tag(self, subscriber_id: int, blast_id: int | None = None) -> str:
+        """A short signed tag for VERP addresses (``bounces+TAG@domain``).
 
-    def read_bounce_tag(self, tag: str) -> int:
-        sub, _, mac = tag.partition("-")
-        if not sub.isdigit():
+        ``SUB-BLAST-MAC`` (or ``SUB-MAC`` outside a blast): the MAC is 80 bits of
+        HMAC-SHA256 in lower-case base32, 16 characters. Anyone who has seen one VERP
+        address can mail a forged bounce to it, so the MAC only has to stop *guessing*
+        another subscriber's address; 80 bits does, a 32-bit MAC did not. Lower case and
+        digits only, because some relays fold the case of local parts.
+        """
+        parts = [str(subscriber_id)] if blast_id is None else [str(subscriber_id), str(blast_id)]
+        return "-".join([*parts, _verp_mac(self._keys[-1], parts)])
+
+    def read_bounce(self, tag: str) -> BounceClaim:
+        """The subscriber (and blast) a VERP tag names, if its MAC verifies under any key."""
+        *parts, mac = tag.strip().lower().split("-")
+        if not 1 <= len(parts) <= 2 or not all(p.isdigit() and len(p) < 19 for p in parts):
             raise TokenError("not a bounce tag")
         for key in self._keys:
-            expected = hmac.new(key.encode(), f"verp:{sub}".encode(), "sha256").hexdigest()[:8]
-            if hmac.compare_digest(expected, mac):
-                return int(sub)
+            if hmac.compare_digest(_verp_mac(key, parts), mac):
+                blast = int(parts[1]) if len(parts) == 2 else None
+                return BounceClaim(subscriber_id=int(parts[0]), blast_id=blast)
         raise TokenError("not a bounce tag")
+
+    def read_bounce_tag(self, tag: str) -> int:
+        return self.read_bounce(tag).subscriber_id
 
     # Unsubscribe ----------------------------------------------------------
 

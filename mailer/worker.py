@@ -25,8 +25,16 @@ from mailer import blasts, confirmations, reconcile
 from mailer.backoff import retry_delay
 from mailer.config import Settings
 from mailer.delivery import Sender
+from mailer.feeds import Poller
 from mailer.heartbeat import WorkerBeat
-from mailer.queue import RECONCILE, SEND_BATCH, SEND_CONFIRMATION, START_BLAST, Queue
+from mailer.queue import (
+    POLL_FEEDS,
+    RECONCILE,
+    SEND_BATCH,
+    SEND_CONFIRMATION,
+    START_BLAST,
+    Queue,
+)
 from mailer.render import Renderer
 from mailer.runtime import Runtime
 from mailer.smtp import SmtpPool
@@ -84,6 +92,10 @@ TASKS = (
 )
 # Unique: arq runs it on one worker at a time, however many there are.
 CRON = Task(RECONCILE, reconcile_job, timeout_s=120)
+
+
+async def poll_feeds(ctx: dict[str, Any]) -> None:
+    await Poller(_ctx_runtime(ctx), ctx["queue"], ctx["renderer"], ctx["smtp"]).poll()
 
 
 def counted(name: str, timeout_s: float, task: Callable[..., Awaitable[Any]]) -> Any:
@@ -163,17 +175,25 @@ def worker_settings(settings: Settings, **overrides: Any) -> dict[str, Any]:
     """Keyword arguments for ``arq.Worker``; the top-level worker.py wraps them in a class."""
     every = settings.reconcile_interval_s
     reconciler = counted(CRON.name, CRON.timeout_s, CRON.run)
+    crons = [
+        cron(
+            reconciler,
+            name=CRON.name,
+            second=set(range(0, 60, every)),
+            unique=True,
+            timeout=CRON.timeout_s,
+        )
+    ]
+    if settings.feed_urls:  # the site's feeds, polled every FEED_POLL_S (mailer/feeds.py)
+        from mailer.feeds import cron_schedule
+
+        limit = int(settings.feed_timeout_s * 2 + 60)
+        feeds_job = counted(POLL_FEEDS, limit, poll_feeds)
+        at, _ = cron_schedule(settings.feed_poll_s)
+        crons.append(cron(feeds_job, name=POLL_FEEDS, second=at, unique=True, timeout=limit))
     values: dict[str, Any] = {
         "functions": [_function(task) for task in TASKS],
-        "cron_jobs": [
-            cron(
-                reconciler,
-                name=CRON.name,
-                second=set(range(0, 60, every)),
-                unique=True,
-                timeout=CRON.timeout_s,
-            )
-        ],
+        "cron_jobs": crons,
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "queue_name": settings.queue_name,
         "on_startup": make_startup(settings),

@@ -108,7 +108,7 @@ async def settings(
         smtp_timeout_s=5,
         smtp_connections=4,
         base_url=f"http://127.0.0.1:{web_port}",
-        secret_key="test-secret-key-0123456789",
+        secret_key="test-secret-key-0123456789abcdef-0123",
         retry_base_s=0.05,
         reconcile_interval_s=1,
         batch_size=50,

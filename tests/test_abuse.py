@@ -41,8 +41,9 @@ from mailer.web.context import client_ip, rate_limit_key
 
 PROXY = "203.0.113.7"  # the address app_client connects from
 VICTIM = "victim@example.com"
-OLD_KEY = "old-secret-key-0123456789abcdef"
-NEW_KEY = "new-secret-key-fedcba9876543210"
+OLD_KEY = "old-secret-key-0123456789abcdef-old"
+NEW_KEY = "new-secret-key-fedcba9876543210-new"
+PRODUCTION = {"secret_key": NEW_KEY, "base_url": "https://updates.example.org"}
 
 
 def visitors(n: int) -> list[str]:
@@ -202,7 +203,7 @@ def request_from(peer: str, *forwarded: str) -> Request:
     ],
 )
 def test_client_ip(trusted: list[str], peer: str, forwarded: list[str], expected: str) -> None:
-    settings = load_settings(trusted_proxies=",".join(trusted))
+    settings = load_settings(trusted_proxies=",".join(trusted), **PRODUCTION)
     assert client_ip(request_from(peer, *forwarded), settings.trusted_networks) == expected
 
 
@@ -214,7 +215,7 @@ def test_rate_limit_counts_ipv6_per_64() -> None:
 
 def test_trusted_proxies_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MAILER_TRUSTED_PROXIES", "10.0.0.0/8, 192.0.2.7 ,2001:db8::/32")
-    settings = load_settings()
+    settings = load_settings(**PRODUCTION)
     assert settings.trusted_proxies == ["10.0.0.0/8", "192.0.2.7", "2001:db8::/32"]
     assert [str(n) for n in settings.trusted_networks] == [
         "10.0.0.0/8",
@@ -225,7 +226,7 @@ def test_trusted_proxies_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     for bad in ("proxy.internal", "10.0.0.0/33", "192.0.2.300"):
         monkeypatch.setenv("MAILER_TRUSTED_PROXIES", bad)
         with pytest.raises(SettingsError, match=rf"MAILER_TRUSTED_PROXIES: '{re.escape(bad)}'"):
-            load_settings()
+            load_settings(**PRODUCTION)
 
 
 # Secret key rotation --------------------------------------------------------------------------

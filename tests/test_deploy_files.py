@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml  # type: ignore[import-untyped]
+from pydantic import ValidationError
 
 from mailer.config import Settings
 
@@ -25,7 +26,7 @@ ENV_EXAMPLE = ROOT / ".env.example"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
 
-SERVICES = ("redis", "postgres", "mailpit", "migrate", "web", "worker", "prometheus")
+SERVICES = ("redis", "postgres", "mailpit", "migrate", "web", "worker", "prometheus", "grafana")
 MAILER_ROLES = ("migrate", "web", "worker")
 SETTING_NAMES = {f"MAILER_{name.upper()}" for name in Settings.model_fields}
 
@@ -106,6 +107,8 @@ def test_mailer_roles_run_the_right_commands_in_order() -> None:
         assert depends["redis"]["condition"] == "service_healthy"
 
     assert any(str(port).endswith("8000") for port in services["web"]["ports"])
+    # Published on loopback only: the reverse proxy is the public face, never the app.
+    assert [str(port) for port in services["web"]["ports"]] == ["127.0.0.1:8000:8000"]
     assert "/readyz" in healthcheck_text(services["web"])
     assert "arq --check worker.WorkerSettings" in healthcheck_text(services["worker"])
 
@@ -229,6 +232,9 @@ def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
     )
     assert envs[0]["MAILER_REDIS_URL"] == "redis://redis:6379/0"
     assert envs[0]["MAILER_BASE_URL"].startswith("https://")
+    assert [(p["host_ip"], str(p["published"])) for p in resolved["web"]["ports"]] == [
+        ("127.0.0.1", "8000")
+    ]
 
     refused = _compose(["config", "-q"], empty_env, None, docker_env)
     assert refused.returncode != 0
@@ -277,6 +283,7 @@ def test_dockerfile_final_stage_runs_unprivileged_without_build_tools() -> None:
 def test_dockerfile_final_stage_ships_what_the_app_reads() -> None:
     final = "\n".join(dockerfile_stages()[-1])
     assert re.search(r"MAILER_TEMPLATES_DIR=/app/templates", final)
+    assert re.search(r"^ENV\s.*\bMAILER_ENV=production\b", final, re.M)
     assert re.search(r"^COPY\s+.*templates\s+\S+", final, re.M)
     assert re.search(r"^COPY\s+.*worker\.py\s+\S+", final, re.M)
     assert re.search(r"^EXPOSE\s+8000$", final, re.M)
@@ -348,11 +355,15 @@ def test_env_example_loads_and_shows_the_real_defaults(monkeypatch: pytest.Monke
     for key in list(os.environ):
         if key.startswith("MAILER_"):
             monkeypatch.delenv(key)
+    # As shipped (everything but the blank secrets commented out) the file is production
+    # and names the one thing every install must add.
+    with pytest.raises(ValidationError, match="MAILER_SECRET_KEY: required"):
+        Settings(_env_file=ENV_EXAMPLE)
+    monkeypatch.setenv("MAILER_SECRET_KEY", "k" * 32)
+    monkeypatch.setenv("MAILER_BASE_URL", "https://updates.example.org")
     defaults = Settings(_env_file=None)
-
-    # As shipped (everything but the blank secret commented out) the file is valid.
     shipped = Settings(_env_file=ENV_EXAMPLE)
-    assert not shipped.secret_key
+    assert shipped.env == "production" and shipped.metrics_token is None
     assert shipped.signing_keys == defaults.signing_keys
 
     # Uncommenting any documented value changes nothing: it is the code's default.

@@ -112,6 +112,7 @@ async def test_import_report_dry_run_and_rerun(
     env = settings_env(settings)
     expected = {"read": 10_000, "imported (new)": 9850, "updated": 0, "duplicates merged": 100}
     expected |= {"skipped existing": 0, "suppressed": 0, "bad": 50}
+    expected |= {"left earlier (not brought back)": 0}
 
     dry = await run_cli(env, "subscribers", "import", str(path), "--dry-run")
     assert dry.returncode == 0, dry.stderr
@@ -203,7 +204,7 @@ async def test_merge_never_downgrades_or_resubscribes(settings: Settings, tmp_pa
     ]
     opts = ImportOptions(confirmed=True, consent_source="old list")
     report = await import_csv(settings, write_csv(tmp_path / "l.csv", header, later), opts)
-    assert (report.read, report.updated, report.existing, report.imported) == (3, 1, 2, 0)
+    assert (report.read, report.updated, report.left, report.imported) == (3, 1, 2, 0)
     assert report.balanced
     text = "\n".join(report.lines())
     assert "line 3: skipped: unsubscribed earlier" in text
@@ -311,6 +312,8 @@ def settings_env_defaults(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
     env["MAILER_DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path / 'never.db'}"
     env["MAILER_QUEUE_NAME"] = f"test-{uuid.uuid4().hex[:10]}"
+    env["MAILER_SECRET_KEY"] = "import-test-secret-key-0123456789abcdef"
+    env["MAILER_BASE_URL"] = "https://updates.example.org"
     return env
 
 

@@ -159,7 +159,7 @@ async def test_erased_address_is_refused_by_imports_also_after_key_rotation(
 
     rotated = settings.model_copy(
         update={
-            "secret_key": SecretStr("a-brand-new-secret-key-4567"),
+            "secret_key": SecretStr("a-brand-new-secret-key-4567-0123456789"),
             "old_secret_keys": [settings.secret_key],
         }
     )
@@ -177,9 +177,10 @@ async def test_erased_address_is_refused_by_imports_also_after_key_rotation(
 
 
 def test_hash_is_keyed_normalized_and_follows_rotation() -> None:
-    old = load_settings(secret_key="old-secret-key-0123456789")
+    old_key, new_key = "old-secret-key-0123456789abcdef-1", "new-secret-key-0123456789abcdef-2"
+    old = load_settings(secret_key=old_key, base_url="https://updates.example.org")
     new = load_settings(
-        secret_key="new-secret-key-0123456789", old_secret_keys="old-secret-key-0123456789"
+        secret_key=new_key, old_secret_keys=old_key, base_url="https://updates.example.org"
     )
     digest = email_hash(old, ADDRESS)
     assert len(digest) == 64 and int(digest, 16) >= 0

@@ -21,11 +21,11 @@ from mailer.render import (
     PREVIEW_UNSUBSCRIBE_URL,
     Renderer,
     StatementContent,
-    _qp_joints,
     clean_header_text,
     make_message_id,
 )
 from mailer.statements import render_markdown
+from mailer.wire import qp_joints as _qp_joints
 
 UNSUB = "https://news.example.org/unsubscribe/eyJzIjo0MiwicCI6InUifQ.Zx-_12.sig?a=1&b=2=3"
 ONCE = (
@@ -49,6 +49,7 @@ def make_settings(**overrides: Any) -> Settings:
         "from_address": "updates@example.org",
         "from_name": "Campaign updates",
         "feedback_id": "statement:mailer:newsl1",
+        "secret_key": "render-test-secret-key-0123456789abcdef",
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)
@@ -287,8 +288,8 @@ def test_title_and_names_with_line_breaks_cannot_add_headers() -> None:
     assert "Bcc" not in msg and "X-Evil" not in msg
     assert msg["Subject"] == "Hi Bcc: y@evil.org there"
     assert msg["From"].addresses[0].display_name == "Evil Bcc: x@evil.org"
-    confirm = parse(r.confirmation(to="a@b.org", name="N\r\nBcc: z@evil.org", confirm_url=UNSUB))
-    assert "Bcc" not in confirm
+    confirm = parse(r.confirmation(to="a@b.org", confirm_url=UNSUB))
+    assert "Bcc" not in confirm and "X-Evil" not in confirm
 
 
 def test_long_display_name_decodes_per_rfc_2047() -> None:
@@ -332,24 +333,24 @@ def test_preview_has_placeholder_link(renderer: Renderer) -> None:
 def test_confirmation_mail() -> None:
     r = Renderer(make_settings(list_name="Grüne Updates"))
     url = "https://news.example.org/confirm/tok.en?x=1&y=2"
-    raw = r.confirmation(to="new@example.com", name="Zoë <b>O'Brien</b>", confirm_url=url)
+    raw = r.confirmation(to="new@example.com", confirm_url=url)
     raw.decode("ascii")
     msg = parse(raw)
     for name in ("From", "To", "Subject", "Date", "Message-ID", "MIME-Version", "Content-Type"):
         assert len(msg.get_all(name) or []) == 1, name
     for name in ("List-Unsubscribe", "List-Unsubscribe-Post", "List-Id", "Feedback-ID"):
         assert name not in msg
-    assert msg["To"].addresses[0].display_name == "Zoë <b>O'Brien</b>"
+    # Nothing a visitor typed but the address: no display name, no name in the greeting.
+    assert str(msg["To"]) == "new@example.com" and msg["To"].addresses[0].display_name == ""
     assert msg["Subject"] == "Confirm your subscription to Grüne Updates"
     text, html = bodies(msg)
     assert url in text and url in Links(html).hrefs
     assert "Confirm your subscription" in html
     assert "ignore this mail" in text and "not be subscribed" in text
     assert "The link works for 7 days." in text
-    assert "Hello Zoë &lt;b&gt;O'Brien&lt;/b&gt;," in html and "<b>" not in html
-    assert "Hello Zoë <b>O'Brien</b>," in text
+    assert "Hello," in html and "Hello," in text
     with pytest.raises(ValueError):
-        r.confirmation(to="a@b.org\r\nBcc: x@y.org", name=None, confirm_url=url)
+        r.confirmation(to="a@b.org\r\nBcc: x@y.org", confirm_url=url)
 
 
 # Properties -----------------------------------------------------------------------
@@ -379,13 +380,11 @@ def test_any_display_name_parses_back(name: str) -> None:
     r = Renderer(make_settings(from_name=name))
     msg = parse(build(r))
     sender = msg["From"].addresses[0]
-    to = parse(r.confirmation(to="a@b.org", name=name, confirm_url=UNSUB))["To"].addresses[0]
-    assert (sender.addr_spec, to.addr_spec) == ("updates@example.org", "a@b.org")
+    assert sender.addr_spec == "updates@example.org"
     if len(expected.encode()) <= 42:  # one encoded-word: exact
-        assert sender.display_name == to.display_name == expected
+        assert sender.display_name == expected
     # CPython's address parser adds a space between encoded-words (RFC 2047 says drop it)
     assert sender.display_name.replace(" ", "") == expected.replace(" ", "")
-    assert to.display_name.replace(" ", "") == expected.replace(" ", "")
     assert rfc2047_phrase(build(r), b"From") == expected
 
 
@@ -413,7 +412,8 @@ def test_any_valid_url_is_spliced_exactly(renderer: Renderer, tail: str) -> None
 )
 def test_segment_splicing_decodes_to_the_plain_join(segments: list[str], value: str) -> None:
     """The proof that splicing pre-encoded segments is valid quoted-printable."""
-    from mailer.render import _crlf, _qp
+    from mailer.wire import crlf as _crlf
+    from mailer.wire import qp as _qp
 
     joined = _qp(value.encode()).join(_qp_joints(segments))
     expected = _crlf(value.join(segments)).encode()

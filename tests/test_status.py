@@ -113,6 +113,7 @@ async def test_status_shows_workers_queue_and_blasts(
 async def test_status_without_redis_says_so_in_one_line(tmp_path: Path) -> None:
     settings = load_settings(
         env="dev",
+        secret_key="status-test-secret-key-0123456789abcdef",
         redis_url=f"redis://127.0.0.1:{free_port()}/0",
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'mailer.db'}",
     )

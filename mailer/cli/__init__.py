@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import typer
 
-from mailer.cli import dev, editors, publish, serve, status, subscribers
+from mailer.cli import bounces, dev, editors, feeds, publish, serve, status, subscribers
 
 app = typer.Typer(help="mailer: newsletters with double opt-in and one-click unsubscribe.")
 
-for group in (serve, editors, publish, dev, subscribers, status):
+for group in (serve, editors, publish, dev, subscribers, status, bounces, feeds):
     group.register(app)
 
 

@@ -12,7 +12,7 @@ from typing import Any, NoReturn, TypeVar
 
 import typer
 
-from mailer.config import Settings, SettingsError, load_settings
+from mailer.config import Settings, SettingsError, load_settings, refuse_dev_key
 
 T = TypeVar("T")
 
@@ -23,8 +23,9 @@ def fail(message: str) -> NoReturn:
 
 
 def settings_or_exit(**overrides: Any) -> Settings:
+    """Every command but `mailer dev`: production unless configured, never the dev key."""
     try:
-        return load_settings(**overrides)
+        return refuse_dev_key(load_settings(**overrides))
     except SettingsError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None

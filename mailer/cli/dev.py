@@ -15,8 +15,8 @@ from typing import Any
 
 import typer
 
-from mailer.cli.common import add_commands, fail, run, settings_or_exit, use_uvloop
-from mailer.config import Settings
+from mailer.cli.common import add_commands, fail, run, use_uvloop
+from mailer.config import Settings, SettingsError, load_dev_settings
 from mailer.logs import setup_logging
 
 commands = typer.Typer()
@@ -59,8 +59,7 @@ def dev(
     port: int = typer.Option(8000, help="Port for the web server."),
 ) -> None:
     """Everything in one process: web, worker, and an SMTP catcher with an inbox page."""
-    os.environ.setdefault("MAILER_ENV", "dev")
-    base = load_settings_quietly()
+    base = dev_settings()
     overrides: dict[str, Any] = {}
     if "MAILER_BASE_URL" not in os.environ:
         overrides["base_url"] = f"http://{host}:{port}"
@@ -97,8 +96,17 @@ def dev(
             redis_proc.wait(10)
 
 
-def load_settings_quietly() -> Settings:
-    return settings_or_exit()
+def dev_settings() -> Settings:
+    """The one place dev mode is switched on, so `mailer dev` needs no configuration.
+
+    Without MAILER_SECRET_KEY it signs with the built-in key, which no other command
+    accepts (``refuse_dev_key``), so nothing signed here is valid in a real deployment.
+    """
+    try:
+        return load_dev_settings()
+    except SettingsError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
 
 
 async def _dev_main(settings: Settings, host: str, port: int) -> None:
@@ -108,7 +116,9 @@ async def _dev_main(settings: Settings, host: str, port: int) -> None:
     from mailer.worker import make_worker
 
     server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host=host, port=port, log_config=None)
+        uvicorn.Config(
+            create_app(settings), host=host, port=port, log_config=None, proxy_headers=False
+        )
     )
     arq_worker = make_worker(settings, handle_signals=False)
     worker_task = asyncio.create_task(arq_worker.async_run())

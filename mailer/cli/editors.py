@@ -10,7 +10,12 @@ commands = typer.Typer(help="Manage editor accounts.")
 
 
 @commands.command("add")
-def editors_add(name: str) -> None:
+def editors_add(
+    name: str,
+    email: str | None = typer.Option(
+        None, "--email", help="Where notices for this editor go (new statements on the site)."
+    ),
+) -> None:
     """Create an editor. Prints the token once, alone on the last line; only its hash is kept."""
     settings = settings_or_exit()
     from mailer.db import make_engine, make_sessionmaker
@@ -21,7 +26,7 @@ def editors_add(name: str) -> None:
         engine = make_engine(settings.database_url)
         try:
             async with make_sessionmaker(engine)() as session:
-                return await add_editor(session, name)
+                return await add_editor(session, name, email)
         finally:
             await engine.dispose()
 

@@ -28,7 +28,7 @@ def send_test(address: str) -> None:
         pool = SmtpPool(settings, size=1)
         try:
             data = Renderer(settings).confirmation(
-                to=to, name=None, confirm_url=f"{settings.base_url}/subscribe"
+                to=to, confirm_url=f"{settings.base_url}/subscribe"
             )
             await pool.send(settings.from_address, to, data)
         finally:

@@ -36,7 +36,16 @@ def serve(
     from mailer.web.app import create_app
 
     use_uvloop()
-    uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
+    # proxy_headers=False: uvicorn would otherwise rewrite the client address from
+    # X-Forwarded-For on its own rule; MAILER_TRUSTED_PROXIES must be the only one.
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+    )
 
 
 @commands.command()

@@ -297,13 +297,13 @@ class Sender:
             report.stopped = "paused: " + recorder.paused.pop(blast_id)
         return report
 
-    def envelope_sender(self, subscriber_id: int) -> str:
-        """The Return-Path. With VERP each subscriber gets its own, so a bounce names them."""
+    def envelope_sender(self, subscriber_id: int, blast_id: int | None = None) -> str:
+        """The Return-Path. With VERP each subscriber gets its own, so a bounce names them
+        (and the blast), signed (docs/bounces.md)."""
         if not self.settings.verp_domain:
             return self.settings.from_address
-        return (
-            f"bounces+{self.runtime.tokens.bounce_tag(subscriber_id)}@{self.settings.verp_domain}"
-        )
+        tag = self.runtime.tokens.bounce_tag(subscriber_id, blast_id)
+        return f"bounces+{tag}@{self.settings.verp_domain}"
 
     async def _send_one(
         self, compiled: CompiledMessage, blast_id: int, item: Claimed, email: str
@@ -333,7 +333,7 @@ class Sender:
         except ValueError as exc:  # an address or URL that cannot be put on the wire
             return failed(None, str(exc)[:200])
         try:
-            await self._timed_send(self.envelope_sender(item.subscriber_id), email, data)
+            await self._timed_send(self.envelope_sender(item.subscriber_id, blast_id), email, data)
         except SmtpConfigError as exc:
             await pause_if_sending(self.runtime, blast_id, f"SMTP relay unusable: {exc}")
             return None

@@ -12,6 +12,7 @@ import csv
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from mailer.csvsafe import restore
 from mailer.importer.report import Chunk, ImportFileError, Report
 from mailer.importer.rows import EmailNormalizer, ImportOptions, Row, parse_row
 from mailer.subscriptions import InvalidInput
@@ -67,7 +68,8 @@ def _bad_utf8_line(path: Path) -> int:
 def _getter(header: dict[str, int], record: list[str]) -> Callable[[str], str]:
     def get(column: str) -> str:
         i = header.get(column)
-        return record[i] if i is not None and i < len(record) else ""
+        # restore(): our export's guard against spreadsheet formulas, taken off again.
+        return restore(record[i]) if i is not None and i < len(record) else ""
 
     return get
 

@@ -19,8 +19,7 @@ from mailer.importer.rows import ImportOptions, Row
 from mailer.models import Subscriber, SubscriberEvent, SubscriberStatus
 from mailer.privacy import suppressed_addresses
 from mailer.runtime import Runtime
-
-LEFT = (SubscriberStatus.unsubscribed, SubscriberStatus.bounced)
+from mailer.subscriptions import LEFT
 
 
 def _new_values(row: Row, now: datetime) -> dict[str, Any]:
@@ -88,8 +87,20 @@ async def apply_chunk(
             )
         )
         existing = {r.email: r for r in found}
-        fresh = [r.email for r in chunk.rows if r.email not in existing]
-        suppressed = await suppressed_addresses(conn, runtime.settings, fresh) if fresh else set()
+        # New addresses, and pending ones a confirmed row would upgrade: an erased address
+        # may come back only as pending, through its owner's own confirmation click.
+        checked = [
+            r.email
+            for r in chunk.rows
+            if r.email not in existing
+            or (
+                existing[r.email].status == SubscriberStatus.pending
+                and r.status == SubscriberStatus.confirmed
+            )
+        ]
+        suppressed = (
+            await suppressed_addresses(conn, runtime.settings, checked) if checked else set()
+        )
 
         inserts: list[dict[str, Any]] = []
         details: dict[str, str] = {}
@@ -102,17 +113,27 @@ async def apply_chunk(
                     report.suppressed += 1
                     report.note(row.line, "suppressed (erased earlier)")
                     continue
+                extra = ""
+                if row.email in suppressed:
+                    extra = "; was on the suppression list (--allow-suppressed)"
+                    if row.status == SubscriberStatus.confirmed:
+                        # They confirm it themselves; the list's consent claim does not count.
+                        row.status = SubscriberStatus.pending
+                        row.consent_source = row.consent_ip = None
+                        row.times = {k: v for k, v in row.times.items() if k == "created_at"}
+                        extra += ", so pending until they confirm"
+                        report.note(row.line, "erased earlier: imported as pending, not confirmed")
                 inserts.append(_new_values(row, now))
-                details[row.email] = _detail(row) + (
-                    "; was on the suppression list (--allow-suppressed)"
-                    if row.email in suppressed
-                    else ""
-                )
+                details[row.email] = _detail(row) + extra
                 report.imported += 1
                 continue
             if old.status in LEFT:
-                report.existing += 1
-                report.note(row.line, f"skipped: {old.status} earlier")
+                report.left += 1
+                report.note(row.line, f"skipped: {old.status} earlier (left; not brought back)")
+                continue
+            if row.email in suppressed:  # pending again after an erasure: not upgraded
+                report.left += 1
+                report.note(row.line, "skipped: erased earlier (left; stays pending)")
                 continue
             changed = False
             if old.name is None and row.name is not None:

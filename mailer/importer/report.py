@@ -23,6 +23,8 @@ class Report:
     duplicates: int = 0
     existing: int = 0
     suppressed: int = 0
+    # Rows of people who left (unsubscribed, bounced, erased): never made confirmed.
+    left: int = 0
     bad: int = 0
     queued: int = 0
     dry_run: bool = False
@@ -32,7 +34,7 @@ class Report:
     def merge(self, other: Report) -> None:
         """Add the counts of one chunk, once its transaction committed."""
         for name in ("read", "imported", "updated", "duplicates", "existing", "suppressed",
-                     "bad", "queued"):  # fmt: skip
+                     "left", "bad", "queued"):  # fmt: skip
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for line, message in other.notes:
             self.note(line, message)
@@ -47,7 +49,7 @@ class Report:
     @property
     def balanced(self) -> bool:
         parts = self.imported + self.updated + self.duplicates + self.existing
-        return parts + self.suppressed + self.bad == self.read
+        return parts + self.suppressed + self.left + self.bad == self.read
 
     def lines(self) -> list[str]:
         out = [f"line {line}: {message}" for line, message in sorted(self.notes)]
@@ -62,6 +64,7 @@ class Report:
             f"duplicates merged: {self.duplicates}",
             f"skipped existing: {self.existing}",
             f"suppressed: {self.suppressed}",
+            f"left earlier (not brought back): {self.left}",
             f"bad: {self.bad}",
             f"confirmation mails queued: {self.queued}",
         ]

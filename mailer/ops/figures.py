@@ -19,6 +19,8 @@ from sqlalchemy import func, select
 
 from mailer import blasts
 from mailer.blasts import Progress
+from mailer.bounces.stats import totals as bounce_totals
+from mailer.feed_status import FeedHealth, feed_health
 from mailer.heartbeat import live_workers
 from mailer.models import Blast, BlastStatus, Subscriber, SubscriberStatus
 from mailer.queue import Queue
@@ -65,6 +67,8 @@ class Figures:
     workers: list[WorkerInfo] = field(default_factory=list)
     subscribers: dict[str, int] = field(default_factory=dict)
     blasts: dict[str, int] = field(default_factory=dict)
+    bounces: dict[str, int] = field(default_factory=dict)  # stored bounce events by kind
+    feeds: list[FeedHealth] = field(default_factory=list)
 
     @property
     def workers_alive(self) -> int:
@@ -135,6 +139,8 @@ async def _gather_sql(runtime: Runtime, figures: Figures) -> None:
         by_status = await session.execute(select(Blast.status, func.count()).group_by(Blast.status))
         figures.blasts = {s.value: 0 for s in BlastStatus}
         figures.blasts.update({str(s): int(n) for s, n in by_status})
+        figures.bounces = await bounce_totals(session)
+        figures.feeds = await feed_health(session, runtime.settings.feed_urls)
 
 
 async def active_blasts(runtime: Runtime) -> list[Progress]:

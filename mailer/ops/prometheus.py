@@ -22,6 +22,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from mailer.feed_status import metric_families
 from mailer.heartbeat import ALIVE_S
 from mailer.ops.figures import Figures, gather
 from mailer.queue import Queue
@@ -60,6 +61,8 @@ class FiguresCollector(Collector):
             for status, n in sorted(f.blasts.items()):
                 blasts.add_metric([status], n)
             yield blasts
+            yield from _bounce_families(f)
+            yield from metric_families(f.feeds)
 
     @staticmethod
     def _redis_families(f: Figures) -> Iterable[Metric]:
@@ -133,3 +136,21 @@ class Exporter:
         # No await between these two lines: concurrent scrapes can't mix their snapshots.
         self.collector.figures = figures
         return generate_latest(self.registry)
+
+
+def _bounce_families(f: Figures) -> Iterable[Metric]:
+    """Counted in SQL at scrape time: the bounce_events table is the record (never trimmed)."""
+    bounces = CounterMetricFamily(
+        "mailer_bounces",
+        "Bounce reports and events stored once each, by kind: hard, soft, complaint, "
+        "policy, ignored, unmatched (no signed evidence of who).",
+        labels=["kind"],
+    )
+    for kind, n in sorted(f.bounces.items()):
+        bounces.add_metric([kind], n)
+    yield bounces
+    yield CounterMetricFamily(
+        "mailer_complaints",
+        "Spam complaints (ARF reports, provider complaint events) stored.",
+        value=f.bounces.get("complaint", 0),
+    )

@@ -21,6 +21,8 @@ from rich.table import Table
 from rich.text import Text
 
 from mailer.blasts import Progress
+from mailer.bounces.stats import BlastBounces
+from mailer.bounces.stats import for_blast as bounces_for_blast
 from mailer.config import Settings
 from mailer.errors import MailerError
 from mailer.ops.figures import Figures, active_blasts, gather
@@ -46,6 +48,7 @@ class Unavailable(MailerError):
 class Status:
     figures: Figures
     blasts: list[Progress] = field(default_factory=list)
+    bounces: dict[int, BlastBounces] = field(default_factory=dict)  # by blast id
 
     def problems(self) -> list[str]:
         out = []
@@ -59,7 +62,9 @@ class Status:
 async def collect(runtime: Runtime, queue: Queue) -> Status:
     figures = await gather(runtime, queue)
     blasts = await active_blasts(runtime) if figures.database_up else []
-    return Status(figures, blasts)
+    async with runtime.reads() as session:
+        bounces = {p.id: await bounces_for_blast(session, p.id) for p in blasts}
+    return Status(figures, blasts, bounces)
 
 
 def _age(seconds: float) -> str:
@@ -115,6 +120,8 @@ def render(status: Status) -> RenderableType:
     blasts.add_column("failed", justify="right")
     blasts.add_column("skipped", justify="right")
     blasts.add_column("pending", justify="right")
+    blasts.add_column("hard bounces", justify="right")
+    blasts.add_column("complaints", justify="right")
     blasts.add_column("reason", overflow="fold", ratio=1)
     for p in status.blasts:
         finished = p.sent + p.failed + p.skipped + p.cancelled
@@ -131,13 +138,43 @@ def render(status: Status) -> RenderableType:
             str(p.failed),
             str(p.skipped),
             str(p.pending),
+            *_bounce_cells(status.bounces.get(p.id)),
             reason,
         )
     if not status.blasts:
         blasts.caption = "no blast is scheduled, queued, sending or paused"
         blasts.caption_justify = "left"
     parts.append(blasts)
+    if f.feeds:
+        parts.append(_feeds_table(f))
     return Group(*parts)
+
+
+def _bounce_cells(b: BlastBounces | None) -> tuple[str, str]:
+    if b is None:
+        return "", ""
+    return f"{b.hard} ({b.hard_rate:.1%})", f"{b.complaints} ({b.complaint_rate:.2%})"
+
+
+def _feeds_table(f: Figures) -> Table:
+    """The site's feeds: a failing one shows its last error until a poll works again."""
+    feeds = Table(title="Site feeds", title_justify="left")
+    feeds.add_column("feed", overflow="fold")
+    feeds.add_column("state")
+    feeds.add_column("last poll")
+    feeds.add_column("last success")
+    feeds.add_column("error", overflow="fold", ratio=1)
+    for feed in f.feeds:
+        style = {"ok": "green", "failing": "bold red"}.get(feed.state, "yellow")
+        polled, ok = feed.last_polled_at, feed.last_ok_at
+        feeds.add_row(
+            feed.url,
+            Text(feed.state, style=style),
+            _age(f.at - polled.timestamp()) if polled else "never",
+            _age(f.at - ok.timestamp()) if ok else "never",
+            feed.last_error or "",
+        )
+    return feeds
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:

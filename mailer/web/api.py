@@ -31,6 +31,7 @@ from mailer.web.deps import (
     send_test_copies,
     status_for,
 )
+from mailer.web.guards import SANDBOX_HEADERS
 
 router = APIRouter(prefix="/api", responses=EDITOR_ERRORS, route_class=EditorRoute)
 
@@ -45,6 +46,7 @@ def _statement_json(s: Any) -> dict[str, Any]:
         "body_html": s.body_html,
         "body_text": s.body_text,
         "editor_id": s.editor_id,
+        "source": s.source,
         "created_at": s.created_at.isoformat(),
         "updated_at": s.updated_at.isoformat(),
     }
@@ -80,7 +82,8 @@ async def preview(request: Request, statement_id: StatementId, _: EditorDep) -> 
     ctx = get_ctx(request)
     statement = await _statement_or_404(ctx, statement_id)
     html = ctx.renderer.preview_html(StatementContent.from_model(statement))
-    return HTMLResponse(html)
+    # Mail HTML, sandboxed as in the admin UI: opened directly it must run nothing.
+    return HTMLResponse(html, headers=SANDBOX_HEADERS)
 
 
 class TestSendIn(BaseModel):
@@ -266,3 +269,23 @@ async def erase_subscriber_data(
     logging.getLogger("mailer.privacy").info(
         "subscriber %s erased by editor %s", subscriber_id, editor.id
     )
+
+
+@router.post(
+    "/feeds/poll",
+    responses={409: problem("no feed is configured, or another poll is still running")},
+)
+async def poll_feeds(request: Request, _: EditorDep) -> dict[str, Any]:
+    """Poll the site's feeds now (a CMS "on publish" hook): what each feed held that was new."""
+    from mailer.feeds import PollBusy, Poller
+
+    ctx = get_ctx(request)
+    settings = ctx.runtime.settings
+    if not settings.feed_urls:
+        raise ApiError(409, "no feed is configured (MAILER_FEED_URLS)")
+    poller = Poller(ctx.runtime, ctx.queue, ctx.renderer)
+    try:
+        reports = await poller.poll(only_due=False, wait_s=settings.feed_timeout_s + 30)
+    except PollBusy as exc:
+        raise ApiError(409, str(exc)) from None
+    return {"feeds": [r.as_dict() for r in reports]}

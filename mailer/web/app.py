@@ -23,8 +23,9 @@ from mailer.errors import one_line
 from mailer.queue import Queue
 from mailer.render import Renderer
 from mailer.runtime import Runtime
-from mailer.web import admin, api, ops, public
+from mailer.web import admin, api, ops, public, site_form, webhooks
 from mailer.web.context import AppContext
+from mailer.web.cors import SiteFormCors, site_origins
 from mailer.web.deps import ApiError
 from mailer.web.guards import BodyLimit, SecurityHeaders, security_headers
 
@@ -56,6 +57,7 @@ def create_app(settings: Settings) -> FastAPI:
     # Added last runs first: headers go on every answer, the 413 included.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(SecurityHeaders, headers=security_headers(settings.base_url))
+    app.add_middleware(SiteFormCors, origins=sorted(site_origins(settings)))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -76,9 +78,11 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse({"detail": exc.detail}, exc.status, headers=exc.headers)
 
     app.include_router(public.router)
+    app.include_router(site_form.router)
     app.include_router(api.router)
     app.include_router(ops.router)
     app.include_router(admin.router)
+    app.include_router(webhooks.router)
     if settings.env is Env.dev:
         from mailer.web import devinbox
 

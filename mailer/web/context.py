@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.templating import Jinja2Templates
 
-from mailer.config import IPNetwork
+from mailer.config_values import IPNetwork
 from mailer.queue import Queue
 from mailer.render import Renderer
 from mailer.runtime import Runtime

@@ -24,6 +24,17 @@ def csp(*, frame_ancestors: str = "'none'") -> str:
     )
 
 
+# For email HTML served on its own (previews): the sandbox keeps it from running scripts,
+# submitting forms or reaching our origin; inline styles are what make it look like the
+# mail. The same as the admin preview's PREVIEW_HEADERS (mailer/web/admin.py).
+SANDBOX_HEADERS = {
+    "Content-Security-Policy": "sandbox; default-src 'none'; style-src 'unsafe-inline'; "
+    "img-src data: https:; frame-ancestors 'self'",
+    "X-Frame-Options": "SAMEORIGIN",
+    "Cache-Control": "no-store",
+}
+
+
 def security_headers(base_url: str) -> dict[str, str]:
     headers = {
         "Content-Security-Policy": csp(),

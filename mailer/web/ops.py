@@ -1,13 +1,15 @@
 """Ops endpoints: liveness, readiness (Redis and SQL), Prometheus metrics, queue figures.
 
-``/metrics``, ``/healthz`` and ``/readyz`` are open, because scrapers and load balancers
-carry no token: keep them reachable from the monitoring network only (docs/deploy.md).
+``/healthz`` and ``/readyz`` are open, because load balancers carry no token; ``/metrics``
+is open unless ``MAILER_METRICS_TOKEN`` is set (Prometheus can send a bearer token).
+Keep them reachable from the monitoring network only (docs/deploy.md).
 ``/api/queue`` names workers and blasts, so it wants an editor token like the editor API.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -31,9 +33,25 @@ def _exporter(app: FastAPI) -> Exporter:
     return exporter
 
 
+def _metrics_allowed(request: Request, expected: str) -> bool:
+    """``Authorization: Bearer <token>``, compared in constant time."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.strip().encode(), expected.encode())
+
+
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     ctx = get_ctx(request)
+    token = ctx.runtime.settings.metrics_token
+    if token is not None and not _metrics_allowed(request, token.get_secret_value()):
+        return Response(
+            "metrics need Authorization: Bearer <MAILER_METRICS_TOKEN>\n",
+            401,
+            media_type="text/plain",
+            headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+        )
     body = await _exporter(request.app).render(ctx.runtime, ctx.queue)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 

@@ -13,13 +13,15 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 
 from mailer import subscriptions
 from mailer.models import Subscriber
+from mailer.signup_guard import may_send_confirmation
 from mailer.subscriptions import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH, InvalidInput, Origin
 from mailer.tokens import TokenError
 from mailer.web.context import AppContext, client_ip, get_ctx, rate_limit_key, wants_json
+from mailer.web.cors import site_redirect
 
 router = APIRouter()
 
@@ -38,6 +40,15 @@ _SIGNUP = {
         "email": {"type": "string", "format": "email", "maxLength": MAX_EMAIL_LENGTH},
         "name": {"type": ["string", "null"], "maxLength": MAX_NAME_LENGTH},
         "website": {"description": "a honeypot: leave it out (people never see it)"},
+        "source": {
+            "type": ["string", "null"],
+            "description": "the page signed up on, kept with the consent (cut to 200 characters)",
+        },
+        "redirect": {
+            "type": ["string", "null"],
+            "description": "form posts only: where to send the visitor (303) when the URL is "
+            "on an origin in MAILER_ALLOWED_ORIGINS; any other value is ignored",
+        },
     },
     "required": ["email"],
 }
@@ -159,6 +170,7 @@ async def subscribe(request: Request) -> Response:
         data = await _read_form(request)
         email = subscriptions.normalize_email(data.get("email"))
         name = subscriptions.normalize_name(data.get("name"))
+        source = subscriptions.clean_source(data.get("source"))
     except InvalidInput as exc:
         if as_json:
             return JSONResponse({"detail": str(exc), "field": exc.field}, 422)
@@ -175,14 +187,21 @@ async def subscribe(request: Request) -> Response:
     if not data.get("website"):  # the honeypot: people never see or fill it
         async with ctx.runtime.sessions() as session:
             sub_id = await subscriptions.subscribe(
-                session, email, name, origin, resend_after_s=settings.confirm_resend_s
+                session,
+                email,
+                name,
+                origin,
+                resend_after_s=settings.confirm_resend_s,
+                source=source,
             )
-        if sub_id is not None:
+        if sub_id is not None and await may_send_confirmation(ctx.runtime, email):
             job_id = ctx.runtime.keys.confirm_job_id(sub_id, int(time.time()))
             await ctx.queue.confirmation(sub_id, job_id)
 
     if as_json:
         return JSONResponse(ACCEPTED, 202)
+    if back := site_redirect(settings, data.get("redirect")):  # back to the campaign site
+        return RedirectResponse(back, 303)
     return _page(ctx, request, "subscribe_done.html", 202, message=ACCEPTED["message"])
 
 
