@@ -373,12 +373,15 @@ def test_webhook_settings_are_checked_at_start_up() -> None:
             "MAILER_POSTMARK_WEBHOOK_PASSWORD: at least 16",
         ),
     ]
+    valid = {"env": "dev", "secret_key": "webhook-test-secret-key-0123456789abcdef"}
     for overrides, message in cases:
         with pytest.raises(SettingsError) as stopped:
-            load_settings(**overrides)
+            load_settings(**valid, **overrides)
         assert message in str(stopped.value), stopped.value
     ok = load_settings(
-        ses_topic_arns=f"{TOPIC}, {TOPIC}-2", sendgrid_webhook_public_key=SENDGRID.public_key
+        **valid,
+        ses_topic_arns=f"{TOPIC}, {TOPIC}-2",
+        sendgrid_webhook_public_key=SENDGRID.public_key,
     )
     assert ok.ses_topic_arns == [TOPIC, f"{TOPIC}-2"]
 
