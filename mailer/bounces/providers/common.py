@@ -151,7 +151,9 @@ def refine(
     even when a provider calls the bounce permanent."""
     if kind not in (BounceKind.hard, BounceKind.soft):
         return kind
-    said = kind_for(status=status, code=code, diagnostic=diagnostic)
+    # Only a real enhanced code reaches kind_for, which takes Status fields as parsed.
+    reply = code if code is not None and 200 <= code < 600 else None
+    said = kind_for(status=enhanced(status), code=reply, diagnostic=diagnostic)
     if said is BounceKind.policy:
         return BounceKind.policy
     if kind is BounceKind.hard and said is BounceKind.soft:
@@ -193,7 +195,7 @@ def reported(
         report="webhook",
         evidence="provider" if address else None,
         email=address,
-        status=status[:16] if status else None,
+        status=enhanced(status),
         code=code,
         diagnostic=diagnostic[:500] if diagnostic else None,
         note=note[:300] if note else None,
