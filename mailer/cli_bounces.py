@@ -43,7 +43,7 @@ def ingest_command(
     ),
 ) -> None:
     """Ingest one message (DSN, ARF complaint or anything else); print one line."""
-    from mailer.bounces import IngestUnavailable, ingest, read_capped
+    from mailer.bounces import IngestResult, IngestUnavailable, ingest, read_capped
     from mailer.runtime import Runtime
 
     try:
@@ -61,23 +61,22 @@ def ingest_command(
     if not raw.strip():
         _fail("error: empty input: not an email message", EX_DATAERR)
 
-    async def _run() -> str:
+    async def _run() -> IngestResult:
         runtime = Runtime.create(settings)
         try:
-            result = await ingest(
-                runtime, raw, source="cli", envelope_to=envelope_to, raw_size=size
-            )
+            return await ingest(runtime, raw, source="cli", envelope_to=envelope_to, raw_size=size)
         finally:
             await runtime.close()
-        if not result.readable:
-            _fail(f"error: {result.summary}", EX_DATAERR)
-        return result.summary
 
     try:
-        summary = asyncio.run(_run())
+        result = asyncio.run(_run())
     except IngestUnavailable as exc:
         _fail(f"error: {exc}; message not processed, try again later", EX_TEMPFAIL)
-    typer.echo(summary)
+    except Exception as exc:  # noqa: BLE001 - a bug must not make the MTA bounce the report
+        _fail(f"error: {type(exc).__name__}: {exc}"[:300] + "; try again later", EX_TEMPFAIL)
+    if not result.readable:
+        _fail(f"error: {result.summary}", EX_DATAERR)
+    typer.echo(result.summary)
 
 
 @bounces_app.command("serve")

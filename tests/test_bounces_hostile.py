@@ -122,6 +122,14 @@ async def test_garbage_in_gives_a_line_and_changes_nothing_wrongly(
     assert code == 65 and "not an email message" in err and err.count("\n") == 1
     code, out, err = await run(b"", str(tmp_path / "missing.eml"))
     assert code == 66 and "cannot read" in err
+    # The database is down: 75, "try again later", so the MTA keeps the report.
+    down = env | {"MAILER_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:9/none"}
+    result = await asyncio.to_thread(
+        runner.invoke, app, ["bounces", "ingest", "--envelope-to", verp[people[1]]],
+        input=genuine, env=down,
+    )  # fmt: skip
+    assert result.exit_code == 75, result.output
+    assert "try again later" in result.stderr and result.stderr.count("\n") == 1
 
     # 20 MB attachment, through the real command on standard input: all of it is read.
     huge = postfix_dsn(

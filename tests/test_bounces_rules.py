@@ -5,6 +5,7 @@ and the figures on /metrics."""
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -13,10 +14,12 @@ import httpx
 import pytest
 from bounce_reports import arf, postfix_dsn
 from helpers import editor_token, seed_subscribers, sql, subscriber, subscriber_ids
+from rich.console import Console
 from smtpserver import SmtpServer
 from test_blasts import auth, blast, progress, publish, wait_status
 from test_metrics import scrape, value
 
+from mailer import status
 from mailer.bounces import BounceEvent, BounceKind, apply_event, ingest
 from mailer.bounces.stats import for_blast
 from mailer.config import Settings
@@ -24,6 +27,7 @@ from mailer.db import utcnow
 from mailer.models import Blast, Delivery
 from mailer.render import make_message_id
 from mailer.runtime import Runtime
+from mailer.worker import Queue
 
 VERP = {"verp_domain": "bounce.test"}
 T0 = datetime(2030, 1, 1, 12, tzinfo=UTC)
@@ -157,6 +161,7 @@ async def test_a_blast_pauses_itself_at_the_bounce_and_complaint_rates(
         figures = await for_blast(session, bounced)
     assert (figures.hard, figures.attempted, figures.complaints) == (31, 600, 0)
     assert round(figures.hard_rate, 4) == round(31 / 600, 4)
+    assert "31 (5.2%)" in await status_row(settings, runtime, bounced)  # `mailer status`
     # An editor who resumes has read the reason: the next bounce does not pause it again.
     r = await app_client.post(f"/api/blasts/{bounced}/resume", headers=auth(token))
     assert r.status_code == 200 and r.json()["reason"] is None
@@ -181,6 +186,19 @@ async def test_a_blast_pauses_itself_at_the_bounce_and_complaint_rates(
     assert (await progress(app_client, token, small))["status"] == "sending"
     paused = await sql(settings, "SELECT blast_id, kind FROM bounce_events WHERE paused_blast")
     assert sorted(paused) == sorted([(bounced, "hard"), (complained, "complaint")])
+
+
+async def status_row(settings: Settings, rt: Runtime, blast_id: int) -> str:
+    """The blast's row in ``mailer status``, rendered as a terminal would show it."""
+    queue = await Queue.connect(settings)
+    try:
+        shown = await status.collect(rt, queue)
+    finally:
+        await queue.close()
+    console = Console(file=io.StringIO(), width=250, color_system=None)
+    console.print(status.render(shown))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    return next(line for line in text.splitlines() if line.strip("│┃ ").startswith(str(blast_id)))
 
 
 def refusals(rcpt: str, attempt: int) -> str | None:
@@ -273,3 +291,62 @@ async def test_provider_events_and_the_metrics(
     assert value(figures, "mailer_bounces_total", kind="unmatched") == 1
     assert value(figures, "mailer_bounces_total", kind="soft") == 0
     assert value(figures, "mailer_complaints_total") == 1
+
+
+@pytest.mark.parametrize("settings_overrides", [VERP])
+async def test_the_message_id_alone_identifies_and_an_address_alone_does_not(
+    settings: Settings, runtime: Runtime
+) -> None:
+    a = sorted((await seed_subscribers(settings, confirmed=3))["confirmed"])
+    ids = await subscriber_ids(settings, a)
+
+    def without_unsubscribe(original: bytes) -> bytes:
+        lines = original.split(b"\r\n")
+        return b"\r\n".join(ln for ln in lines if not ln.lower().startswith(b"list-unsubscribe"))
+
+    # A feedback loop that kept To and the HMAC Message-ID: the address is only a candidate,
+    # the Message-ID's HMAC proves subscriber and blast.
+    original, _ = sent(runtime, ids[a[0]], 77, a[0])
+    report = arf(without_unsubscribe(original), redact_to=False)
+    done = await ingest(runtime, report, source="smtp", envelope_to="complaints@bounce.test")
+    assert (done.kind, done.subscriber_id, done.blast_id) == (BounceKind.complaint, ids[a[0]], 77)
+    assert "(by message-id)" in done.summary
+    # The same Message-ID with another subscriber's address in To: the HMAC says no.
+    original, _ = sent(runtime, ids[a[1]], 77, a[1])
+    swapped = without_unsubscribe(original).replace(a[1].encode(), a[2].encode())
+    done = await ingest(runtime, arf(swapped, redact_to=False), source="smtp", envelope_to=None)
+    assert done.kind is BounceKind.unmatched and done.subscriber_id is None
+    # Only an address (a DSN to the complaints address naming a subscriber): unmatched.
+    plain = f"From: x@example.net\r\nTo: {a[2]}\r\nSubject: hi\r\n\r\nhi\r\n".encode()
+    dsn = postfix_dsn(plain, a[2], "complaints@bounce.test", whole_message=False)
+    done = await ingest(runtime, dsn, source="smtp", envelope_to="complaints@bounce.test")
+    assert done.kind is BounceKind.unmatched and "would be hard" in done.summary
+    statuses = [(await subscriber(settings, e)).status for e in a]  # type: ignore[union-attr]
+    assert statuses == ["unsubscribed", "confirmed", "confirmed"]
+
+
+@pytest.mark.parametrize("settings_overrides", [VERP])
+async def test_export_shows_bounces_and_erase_scrubs_them(
+    settings: Settings, runtime: Runtime, app_client: httpx.AsyncClient
+) -> None:
+    email = (await seed_subscribers(settings, confirmed=1))["confirmed"][0]
+    sub_id = (await subscriber_ids(settings, [email]))[email]
+    original, envelope = sent(runtime, sub_id, 5, email)
+    await ingest(
+        runtime, postfix_dsn(original, email, envelope), source="cli", envelope_to=envelope
+    )
+    # A forged report quoting the address (in other case) is stored unmatched, and scrubbed too.
+    forged = postfix_dsn(b"Subject: x\r\n\r\n", email.upper(), "complaints@bounce.test")
+    await ingest(runtime, forged, source="cli", envelope_to="complaints@bounce.test")
+    token = await editor_token(settings)
+    r = await app_client.get(f"/api/subscribers/{sub_id}/export", headers=auth(token))
+    assert [(b["kind"], b["blast_id"], b["status"]) for b in r.json()["bounces"]] == [
+        ("hard", 5, "5.1.1")
+    ]
+    assert email in r.json()["bounces"][0]["diagnostic"]
+    r = await app_client.delete(f"/api/subscribers/{sub_id}", headers=auth(token))
+    assert r.status_code == 204
+    rows = await sql(settings, "SELECT subscriber_id, diagnostic, note, kind FROM bounce_events")
+    assert [r[3] for r in rows] == ["hard", "unmatched"]  # the counts stay
+    assert all(r[0] is None for r in rows)
+    assert not any(email in str(value).lower() for row in rows for value in row)

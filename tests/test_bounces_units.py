@@ -11,7 +11,7 @@ from bounce_reports import arf, exim_dsn, postfix_dsn
 from mailer.bounces.classify import kind_for, kind_for_feedback
 from mailer.bounces.listener import accepts
 from mailer.bounces.parse import ReportType, parse
-from mailer.config import Settings
+from mailer.config import Settings, SettingsError, load_settings
 from mailer.models import BounceKind
 from mailer.render import make_message_id, read_message_id
 from mailer.smtp import Verdict, classify
@@ -188,3 +188,26 @@ def test_the_listener_takes_only_bounce_and_complaint_addresses() -> None:
                "bounces+1-x@other.test", "complaints@other.test", "bounces+a b@bounce.test",
                "bounces+1-x", ""):  # fmt: skip
         assert not accepts(domain, no), no
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("bounce_pause_rate", 1.5),
+        ("complaint_pause_rate", 0),
+        ("soft_bounce_limit", 0),
+        ("soft_bounce_window_days", 0),
+        ("bounce_pause_min_sent", 0),
+        ("verp_domain", "not a domain"),
+        ("verp_domain", "bounces@example.org"),
+    ],
+)
+def test_a_wrong_threshold_stops_start_up_naming_the_variable(setting: str, value: object) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(**{setting: value})
+    assert str(caught.value).startswith(f"configuration error: MAILER_{setting.upper()}:")
+    assert "\n" not in str(caught.value)
+
+
+def test_the_verp_domain_is_kept_in_lower_case() -> None:
+    assert load_settings(verp_domain="Bounce.Example.ORG.").verp_domain == "bounce.example.org"

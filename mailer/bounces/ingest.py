@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import BinaryIO
 
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mailer.bounces import rules
@@ -33,6 +33,8 @@ from mailer.db import utcnow
 from mailer.models import BounceKind, Subscriber
 from mailer.runtime import Runtime
 
+# What a database that is down or unreachable raises (not: what a bug raises).
+_UNAVAILABLE = (OperationalError, InterfaceError, OSError, TimeoutError)
 ACTS_ON_SUBSCRIBER = (BounceKind.hard, BounceKind.soft, BounceKind.complaint, BounceKind.policy)
 
 
@@ -142,7 +144,7 @@ async def ingest(
             event = _identified(event, who)
             applied = await rules.apply(session, runtime.settings, event, now or utcnow())
             await session.commit()
-    except (OperationalError, DBAPIError, OSError) as exc:
+    except _UNAVAILABLE as exc:
         raise IngestUnavailable(f"database unavailable: {type(exc).__name__}") from exc
     return _result(event, applied)
 
@@ -156,7 +158,7 @@ async def apply_event(
             event = await _resolve_provider_address(session, event)
             applied = await rules.apply(session, runtime.settings, event, now or utcnow())
             await session.commit()
-    except (OperationalError, DBAPIError, OSError) as exc:
+    except _UNAVAILABLE as exc:
         raise IngestUnavailable(f"database unavailable: {type(exc).__name__}") from exc
     return _result(event, applied)
 

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import re
 import signal
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -79,6 +80,9 @@ class BounceHandler:
             except IngestUnavailable as exc:
                 log.error("bounce report not stored, the sender will retry: %s", exc)
                 return "451 4.3.0 Cannot store the report now; try again later"
+            except Exception:  # a bug must not turn into a 5xx: the report would be lost
+                log.exception("bounce report not stored, the sender will retry")
+                return "451 4.3.0 Cannot store the report now; try again later"
             log.info("%s", result.summary, extra={"source": "smtp"})
         return "250 2.0.0 OK"
 
@@ -95,8 +99,12 @@ async def serve(
     """Listen until ``stop`` is set (or SIGINT/SIGTERM when no event is given)."""
     handler = BounceHandler(runtime)
     loop = asyncio.get_running_loop()
+    # Named once: left unset, aiosmtpd looks up the FQDN for every connection.
+    hostname = socket.gethostname()
     server = await loop.create_server(
-        lambda: SMTP(handler, data_size_limit=max_size, decode_data=False, timeout=120),
+        lambda: SMTP(
+            handler, hostname=hostname, data_size_limit=max_size, decode_data=False, timeout=120
+        ),
         host=host,
         port=port,
     )
