@@ -22,7 +22,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from mailer.bounces.classify import kind_for
 from mailer.bounces.events import BounceEvent
@@ -40,6 +40,8 @@ _SMTP_CODE = re.compile(r"^\s*(?:smtp\s*;\s*)?([245]\d\d)(?![\d.])", re.I)
 _ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
 _MESSAGE_ID = re.compile(r"<[^<>\s]{1,300}>")
 _DIGITS = re.compile(r"[0-9]+")
+# What a database that is down raises (as ingest.py reads it), not what a bug raises.
+_UNAVAILABLE = (OperationalError, InterfaceError, OSError, TimeoutError)
 
 
 class Rejected(Exception):
@@ -223,7 +225,7 @@ async def identify(runtime: Runtime, item: Reported) -> BounceEvent:
                 list_unsubscribe=item.list_unsubscribe,
                 addresses=[event.email] if event.email else [],
             )
-    except (OperationalError, DBAPIError, OSError) as exc:
+    except _UNAVAILABLE as exc:
         raise IngestUnavailable(f"database unavailable: {type(exc).__name__}") from exc
     if who.subscriber_id is None:
         return event  # the provider's address still names them (evidence "provider")
