@@ -19,7 +19,7 @@ from smtpserver import SmtpServer
 from test_blasts import auth, blast, progress, publish, wait_status
 from test_metrics import scrape, value
 
-from mailer import status
+from mailer.ops import status
 from mailer.bounces import BounceEvent, BounceKind, apply_event, ingest
 from mailer.bounces.stats import for_blast
 from mailer.config import Settings
