@@ -631,7 +631,7 @@ async def test_everything_shown_is_escaped(
     mail = smtp.recorder.to("xss@example.com")[0].message
     html = mail.get_body(preferencelist=("html",)).get_content()
     assert "<script>alert(2)" not in html and "<img src=x" not in html
-    assert "&lt;script&gt;alert(2)&lt;/script&gt;" in html
+    assert "alert(2)" not in html  # the typed name never reaches the confirmation mail
     r = await app_client.post(
         "/api/statements",
         json={"title": xss, "author": xss, "body_markdown": f"{xss}\n\n[a](javascript:alert(3))"},
