@@ -2,14 +2,14 @@
 
 Each test gets its own database (a fresh SQLite file or a fresh PostgreSQL
 database) and its own queue name, which prefixes every Redis key it touches.
-Services that are missing make the test fail, never skip.
+Services that are missing make the test fail, never skip. The ``isolation`` plugin
+makes sure no test ever sees another test's fixtures (see docs/testing.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -21,16 +21,16 @@ import pytest
 import redis.asyncio as aioredis
 import uvicorn
 from arq.worker import Worker
+from helpers import clean_redis
+from smtpserver import SmtpServer, free_port
 
-sys.path.insert(0, str(Path(__file__).parent))
+from mailer.config import Settings, load_settings
+from mailer.db import make_engine
+from mailer.migrate import upgrade
+from mailer.web.app import create_app
+from mailer.worker import worker_settings
 
-from smtpserver import SmtpServer, free_port  # noqa: E402
-
-from mailer.config import Settings, load_settings  # noqa: E402
-from mailer.db import make_engine  # noqa: E402
-from mailer.migrate import upgrade  # noqa: E402
-from mailer.web.app import create_app  # noqa: E402
-from mailer.worker import worker_settings  # noqa: E402
+pytest_plugins = ["isolation", "pytester"]
 
 REDIS_URL = os.environ.get("MAILER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_DSN = os.environ.get("MAILER_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -128,13 +128,6 @@ async def settings(
     await clean_redis(redis, queue)
 
 
-async def clean_redis(redis: aioredis.Redis, queue: str) -> None:
-    for pattern in (f"{queue}*", f"arq:*:{queue}:*"):
-        keys = [k async for k in redis.scan_iter(match=pattern, count=1000)]
-        if keys:
-            await redis.delete(*keys)
-
-
 @pytest.fixture(scope="session")
 def tls_ca() -> Any:
     import trustme
@@ -183,42 +176,56 @@ async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
             yield client
 
 
-WorkerFactory = Callable[..., Worker]
+class InProcessWorker(Worker):
+    """arq's Worker, with a ``close()`` that ends its running jobs and cannot trip over them.
+
+    arq's own ``close()`` cancels the running jobs and then gathers them without
+    ``return_exceptions``, so a job still running (its Redis pipeline cancelled) raises
+    ``CancelledError`` out of it, and the pool and ``on_shutdown`` are never closed.
+    Here the jobs and the main loop are cancelled and awaited first, the cancellation
+    they answer with is expected and absorbed, and only then does arq close the rest.
+    Anything else a job task or the main loop ended with is a real error and is raised
+    (as an ``Exception``) once everything is closed.
+    """
+
+    async def close(self) -> None:
+        self.allow_pick_jobs = False
+        tasks = [t for t in self.tasks.values() if not t.done()]
+        if self.main_task is not None:
+            tasks.append(self.main_task)
+        for task in tasks:
+            task.cancel()
+        ended = await asyncio.gather(*tasks, return_exceptions=True)
+        self.tasks.clear()  # all done: arq's close() has nothing left to gather
+        await super().close()
+        errors = [
+            e
+            for e in ended
+            if isinstance(e, BaseException) and not isinstance(e, asyncio.CancelledError)
+        ]
+        if errors:
+            raise RuntimeError(f"the test worker ended with {errors!r}") from errors[0]
 
 
 @pytest.fixture
 async def start_worker(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
     """Start in-process arq workers; all are closed at the end of the test."""
-    workers: list[tuple[Worker, asyncio.Task[None]]] = []
+    workers: list[tuple[InProcessWorker, asyncio.Task[None]]] = []
 
-    async def _start(**overrides: Any) -> Worker:
+    async def _start(**overrides: Any) -> InProcessWorker:
         s = overrides.pop("settings", settings)
-        worker = Worker(**worker_settings(s, handle_signals=False, **overrides))
+        worker = InProcessWorker(**worker_settings(s, handle_signals=False, **overrides))
         task = asyncio.create_task(worker.async_run())
         workers.append((worker, task))
         return worker
 
     yield _start
+    errors: list[BaseException] = []
     for worker, task in workers:
-        task.cancel()
-        await worker.close()
         try:
-            await task
-        except (asyncio.CancelledError, Exception):  # noqa: BLE001
-            pass
-
-
-async def wait_until(
-    predicate: Callable[[], Any], timeout: float = 20.0, step: float = 0.05
-) -> Any:
-    """Poll an (async) predicate until it returns something truthy."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(step)
+            await worker.close()
+        except Exception as exc:  # noqa: BLE001 - close every worker, then report
+            errors.append(exc)
+        await asyncio.gather(task, return_exceptions=True)  # cancelled by close()
+    if errors:
+        raise errors[0]

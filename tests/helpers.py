@@ -1,10 +1,22 @@
-"""Small helpers for reading state back: rows in SQL, links in received mail."""
+"""Helpers shared by the test modules: reading state back (rows in SQL, links in received
+mail), seeding, driving the editor API, worker processes, and waiting for a condition.
+
+Test modules import from here (and from smtpserver), never from each other.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import csv
 import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import httpx
+import redis.asyncio as aioredis
 from sqlalchemy import func, select, text
 
 from mailer.config import Settings
@@ -166,3 +178,90 @@ async def within_one_limiter_window(seconds_needed: float = 20.0) -> None:
     into = time.time() % 60
     if into > 60 - seconds_needed:
         await asyncio.sleep(60 - into + 0.05)
+
+
+async def wait_until(
+    predicate: Callable[[], Any], timeout: float = 20.0, step: float = 0.02
+) -> Any:
+    """Poll an (async) predicate until it returns something truthy.
+
+    For state that only shows from outside (mail arriving at the SMTP server, rows written
+    by a worker process); a stage that can be run directly is better run directly.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(step)
+
+
+async def clean_redis(redis: aioredis.Redis, queue: str) -> None:
+    """Delete every key of one queue (ours are prefixed by its name, arq's contain it)."""
+    for pattern in (f"{queue}*", f"arq:*:{queue}:*"):
+        keys = [k async for k in redis.scan_iter(match=pattern, count=1000)]
+        if keys:
+            await redis.delete(*keys)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+# The editor API ---------------------------------------------------------------------------
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def publish(client: httpx.AsyncClient, token: str, **fields: Any) -> int:
+    body = {"title": "A statement", "body_markdown": "Hello **everyone**."} | fields
+    r = await client.post("/api/statements", json=body, headers=auth(token))
+    assert r.status_code == 201, r.text
+    return int(r.json()["id"])
+
+
+async def blast(client: httpx.AsyncClient, token: str, statement_id: int, **extra: Any) -> int:
+    r = await client.post(
+        "/api/blasts", json={"statement_id": statement_id} | extra, headers=auth(token)
+    )
+    assert r.status_code == 202, r.text
+    return int(r.json()["id"])
+
+
+async def progress(client: httpx.AsyncClient, token: str, blast_id: int) -> dict[str, Any]:
+    r = await client.get(f"/api/blasts/{blast_id}", headers=auth(token))
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+async def wait_status(
+    client: httpx.AsyncClient, token: str, blast_id: int, status: str, timeout: float = 60
+) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        p = await progress(client, token, blast_id)
+        return p if p["status"] == status else None
+
+    return dict(await wait_until(check, timeout=timeout, step=0.05))
+
+
+# Worker processes -------------------------------------------------------------------------
+
+MAILER = str(Path(sys.executable).parent / "mailer")
+
+
+def start_worker_process(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    """`mailer worker` in its own process, its output appended to ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [MAILER, "worker"], env=settings_env(settings), stdout=out, stderr=out
+        )

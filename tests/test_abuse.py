@@ -20,7 +20,6 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from aiosmtpd.smtp import AuthResult, LoginPassword
-from conftest import wait_until
 from helpers import (
     editor_token,
     events,
@@ -28,6 +27,7 @@ from helpers import (
     settings_env,
     subscriber,
     text_body,
+    wait_until,
     within_one_limiter_window,
 )
 from pydantic import SecretStr

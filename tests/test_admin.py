@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import wait_until
 from helpers import (
     editor_token,
     find_link,
@@ -25,6 +24,7 @@ from helpers import (
     subscriber,
     table_counts,
     text_body,
+    wait_until,
 )
 from playwright.async_api import Browser, Page, async_playwright, expect
 from smtpserver import SmtpServer

@@ -10,55 +10,25 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import wait_until
 from helpers import (
+    auth,
+    blast,
     editor_token,
     find_link,
+    progress,
+    publish,
     seed_subscribers,
     sql,
     subscriber,
     subscriber_ids,
     table_counts,
     text_body,
+    wait_status,
+    wait_until,
 )
 from smtpserver import SmtpServer
 
 from mailer.config import Settings
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-async def publish(client: httpx.AsyncClient, token: str, **fields: Any) -> int:
-    body = {"title": "A statement", "body_markdown": "Hello **everyone**."} | fields
-    r = await client.post("/api/statements", json=body, headers=auth(token))
-    assert r.status_code == 201, r.text
-    return int(r.json()["id"])
-
-
-async def blast(client: httpx.AsyncClient, token: str, statement_id: int, **extra: Any) -> int:
-    r = await client.post(
-        "/api/blasts", json={"statement_id": statement_id} | extra, headers=auth(token)
-    )
-    assert r.status_code == 202, r.text
-    return int(r.json()["id"])
-
-
-async def progress(client: httpx.AsyncClient, token: str, blast_id: int) -> dict[str, Any]:
-    r = await client.get(f"/api/blasts/{blast_id}", headers=auth(token))
-    assert r.status_code == 200, r.text
-    return dict(r.json())
-
-
-async def wait_status(
-    client: httpx.AsyncClient, token: str, blast_id: int, status: str, timeout: float = 60
-) -> dict[str, Any]:
-    async def check() -> dict[str, Any] | None:
-        p = await progress(client, token, blast_id)
-        return p if p["status"] == status else None
-
-    return dict(await wait_until(check, timeout=timeout, step=0.1))
 
 
 async def test_editor_auth(app_client: httpx.AsyncClient, settings: Settings) -> None:

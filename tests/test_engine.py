@@ -13,13 +13,21 @@ from typing import Any
 import dkim
 import httpx
 import pytest
-from conftest import wait_until
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from helpers import editor_token, seed_subscribers, sql, subscriber
+from helpers import (
+    blast,
+    editor_token,
+    progress,
+    publish,
+    seed_subscribers,
+    sql,
+    start_worker_process,
+    subscriber,
+    wait_status,
+    wait_until,
+)
 from smtpserver import DROP, Received, SmtpServer
-from test_blasts import blast, progress, publish, wait_status
-from test_recovery import start_worker_process
 
 from mailer.config import Settings
 from mailer.smtp import Verdict, classify

@@ -18,8 +18,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import wait_until
-from helpers import editor_token, seed_subscribers, subscriber, table_counts
+from helpers import editor_token, seed_subscribers, subscriber, table_counts, wait_until
 from smtpserver import SmtpServer
 from sqlalchemy import text
 

@@ -11,14 +11,22 @@ import csv
 import io
 import random
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
-from conftest import clean_redis, wait_until
-from helpers import events, settings_env, sql, subscriber, table_counts
+from helpers import (
+    MAILER,
+    clean_redis,
+    events,
+    settings_env,
+    sql,
+    subscriber,
+    table_counts,
+    wait_until,
+    write_csv,
+)
 from smtpserver import SmtpServer
 
 from mailer.config import Settings
@@ -28,8 +36,6 @@ from mailer.import_rows import EmailNormalizer
 from mailer.importer import ImportOptions, import_csv
 from mailer.migrate import upgrade
 from mailer.subscriptions import InvalidInput, normalize_email
-
-MAILER = str(Path(sys.executable).parent / "mailer")
 
 
 async def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -45,14 +51,6 @@ def report_counts(stdout: str) -> dict[str, int]:
         if sep and value.isdigit() and not line.startswith("line "):
             out[key] = int(value)
     return out
-
-
-def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
-    with path.open("w", encoding="utf-8", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 BAD_KINDS = [

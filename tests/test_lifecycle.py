@@ -8,13 +8,13 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import wait_until
 from helpers import (
     events,
     find_link,
     subscriber,
     table_counts,
     text_body,
+    wait_until,
     within_one_limiter_window,
 )
 from smtpserver import SmtpServer

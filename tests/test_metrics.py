@@ -7,23 +7,29 @@ import logging
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import wait_until
-from helpers import editor_token, seed_subscribers, settings_env
+from helpers import (
+    MAILER,
+    auth,
+    blast,
+    editor_token,
+    progress,
+    publish,
+    seed_subscribers,
+    settings_env,
+    wait_status,
+    wait_until,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from smtpserver import SmtpServer
-from test_blasts import auth, blast, progress, publish, wait_status
 
 from mailer.config import Settings
 from mailer.metrics import SMTP_BUCKETS
-
-MAILER = str(Path(sys.executable).parent / "mailer")
 
 
 def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:

@@ -6,20 +6,26 @@ import asyncio
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import wait_until
-from helpers import editor_token, seed_subscribers, settings_env
+from helpers import (
+    MAILER,
+    auth,
+    blast,
+    editor_token,
+    progress,
+    publish,
+    seed_subscribers,
+    settings_env,
+    wait_until,
+)
 from smtpserver import SmtpServer, free_port
-from test_blasts import auth, blast, progress, publish
 
 from mailer.config import Settings, load_settings
 
-MAILER = str(Path(sys.executable).parent / "mailer")
 STATUSES = {"scheduled", "queued", "sending", "paused", "done", "cancelled"}
 
 
