@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,25 +43,70 @@ def pg_url(database: str) -> str:
     return f"{base}/{database}"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'mailer.db'}"
-        return
-    name = f"mailer_test_{uuid.uuid4().hex[:12]}"
+@dataclass(frozen=True)
+class Templates:
+    sqlite: Path  # a migrated SQLite file
+    postgres: str  # the name of a migrated PostgreSQL database
+
+
+# Database URLs that come migrated (copies of the templates): `settings` skips the upgrade.
+MIGRATED: set[str] = set()
+
+
+async def _pg_admin(statement: str) -> None:
     admin = await asyncpg.connect(PG_DSN)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+        await admin.execute(statement)
     finally:
         await admin.close()
+
+
+@pytest.fixture(scope="session")
+def templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Templates]:
+    """Both databases migrated once per session (per xdist worker); tests get copies.
+
+    A copy costs a file copy (SQLite) or ``CREATE DATABASE … TEMPLATE`` (PostgreSQL)
+    instead of running every migration again for each of some 300 tests. The migrations
+    themselves still run on both databases here, and `mailer migrate` is tested on its own.
+    """
+    sqlite = tmp_path_factory.mktemp("template") / "mailer.db"
+    name = f"mailer_template_{uuid.uuid4().hex[:12]}"
+
+    async def build() -> None:
+        await _pg_admin(f'CREATE DATABASE "{name}"')
+        for url in (f"sqlite+aiosqlite:///{sqlite}", pg_url(name)):
+            engine = make_engine(url)
+            try:
+                await upgrade(engine)
+            finally:
+                await engine.dispose()
+
+    asyncio.run(build())
+    assert not sqlite.with_name("mailer.db-wal").exists(), "copy the WAL too"
+    yield Templates(sqlite, name)
+    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def db_url(
+    request: pytest.FixtureRequest, tmp_path: Path, templates: Templates
+) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test alone."""
+    if request.param == "sqlite":
+        path = tmp_path / "mailer.db"
+        shutil.copyfile(templates.sqlite, path)
+        url = f"sqlite+aiosqlite:///{path}"
+        MIGRATED.add(url)
+        yield url
+        return
+    name = f"mailer_test_{uuid.uuid4().hex[:12]}"
+    await _pg_admin(f'CREATE DATABASE "{name}" TEMPLATE "{templates.postgres}"')
+    url = pg_url(name)
+    MIGRATED.add(url)
     try:
-        yield pg_url(name)
+        yield url
     finally:
-        admin = await asyncpg.connect(PG_DSN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
@@ -121,9 +168,10 @@ async def settings(
             for k, v in settings_overrides.items()
         }
     )
-    engine = make_engine(db_url)
-    await upgrade(engine)
-    await engine.dispose()
+    if db_url not in MIGRATED:  # a test's own db_url fixture
+        engine = make_engine(db_url)
+        await upgrade(engine)
+        await engine.dispose()
     yield s
     await clean_redis(redis, queue)
 

@@ -402,13 +402,14 @@ class TestLogs:
         seen: dict[str, str] = {}
         bearer = {"Authorization": f"Bearer {token}"}
         async with httpx.AsyncClient(base_url=run.base_url, timeout=10) as http:
-            for _ in range(100):
+
+            async def ready() -> bool:
                 try:
-                    if (await http.get("/readyz")).status_code == 200:
-                        break
+                    return (await http.get("/readyz")).status_code == 200
                 except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.1)
+                    return False
+
+            await wait_until(ready, timeout=60)  # a process start-up; slow on a busy machine
             r = await http.post("/subscribe", data={"email": "ada@example.com", "name": "Ada"})
             assert r.status_code == 202
             for i in range(4):  # over the per-IP limit
