@@ -256,9 +256,12 @@ def worker_settings(settings: Settings, **overrides: Any) -> dict[str, Any]:
         ),
     ]
     reconciler = counted("reconcile", 120, reconcile)
+    # A unique cron job's id is "<name>:<time>" and arq's job ids are global to a Redis, so
+    # the name carries the queue: else one queue's reconciler takes another's turn.
+    cron_name = f"{settings.queue_name}:reconcile"
     values: dict[str, Any] = {
         "functions": functions,
-        "cron_jobs": [cron(reconciler, name="reconcile", second=seconds, unique=True, timeout=120)],
+        "cron_jobs": [cron(reconciler, name=cron_name, second=seconds, unique=True, timeout=120)],
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "queue_name": settings.queue_name,
         "on_startup": make_startup(settings),
