@@ -200,6 +200,28 @@ async def wait_until(
         await asyncio.sleep(step)
 
 
+async def queue_settled(settings: Settings, timeout: float = 30.0) -> None:
+    """Wait until every job queued so far, retries included, has run to its end.
+
+    arq keeps a job in its queue until the job ends, and a job that queues more work does
+    so before it ends, so a queue holding nothing but the reconciler's next cron entry has
+    no work left: a deterministic stand-in for "wait a while, see that nothing more comes".
+    """
+    from mailer.worker import worker_settings
+
+    cron = tuple(f"{job.name}:".encode() for job in worker_settings(settings)["cron_jobs"])
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+
+        async def settled() -> bool:
+            jobs = await client.zrange(settings.queue_name, 0, -1)
+            return all(job.startswith(cron) for job in jobs)
+
+        await wait_until(settled, timeout=timeout, step=0.01)
+    finally:
+        await client.aclose()
+
+
 async def clean_redis(redis: aioredis.Redis, queue: str) -> None:
     """Delete every key of one queue (ours are prefixed by its name, arq's contain it)."""
     for pattern in (f"{queue}*", f"arq:*:{queue}:*"):
@@ -252,6 +274,31 @@ async def wait_status(
         return p if p["status"] == status else None
 
     return dict(await wait_until(check, timeout=timeout, step=0.05))
+
+
+async def reconcile_once(settings: Settings) -> None:
+    """Run the reconciler once, here and now, as its cron job would."""
+    from mailer import blasts
+    from mailer.runtime import Runtime
+    from mailer.worker import Queue
+
+    runtime = Runtime.create(settings)
+    queue = await Queue.connect(settings)
+    try:
+        await blasts.reconcile(runtime, queue)
+    finally:
+        await queue.close()
+        await runtime.close()
+
+
+async def wait_workers(client: httpx.AsyncClient, token: str, n: int) -> None:
+    """Wait until ``n`` workers report in (a process start-up: slow on a busy machine)."""
+
+    async def alive() -> bool:
+        r = await client.get("/api/queue", headers=auth(token))
+        return r.status_code == 200 and int(r.json()["workers"]) >= n
+
+    await wait_until(alive, timeout=90, step=0.05)
 
 
 # Worker processes -------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from helpers import (
     find_link,
     progress,
     publish,
+    queue_settled,
+    reconcile_once,
     seed_subscribers,
     sql,
     subscriber,
@@ -167,11 +169,12 @@ async def test_pause_resume_cancel_and_schedule(
     r = await app_client.post(f"/api/blasts/{bid}/pause", headers=auth(token))
     assert r.status_code == 200 and r.json()["status"] == "paused"
     paused_at = len(smtp.messages)
-    await asyncio.sleep(3)
+    await queue_settled(settings)  # the batch jobs saw the pause and ended
     after = len(smtp.messages)
     # In flight when paused: at most one chunk (rate × 5 s = 200 here, far less in practice).
     assert after - paused_at <= settings.batch_size
-    await asyncio.sleep(1)
+    await reconcile_once(settings)  # the reconciler does not wake a paused blast either
+    await queue_settled(settings)
     assert len(smtp.messages) == after  # stopped for good
     assert (
         await app_client.post(f"/api/blasts/{bid}/pause", headers=auth(token))
@@ -187,7 +190,7 @@ async def test_pause_resume_cancel_and_schedule(
     await wait_until(lambda: len(smtp.messages) >= 10)
     r = await app_client.post(f"/api/blasts/{bid2}/cancel", headers=auth(token))
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
-    await asyncio.sleep(2)
+    await queue_settled(settings)  # what was in flight has been recorded
     p = await progress(app_client, token, bid2)
     assert p["status"] == "cancelled"
     assert p["cancelled"] > 0 and p["pending"] == 0
@@ -197,22 +200,23 @@ async def test_pause_resume_cancel_and_schedule(
         await app_client.post(f"/api/blasts/{bid2}/resume", headers=auth(token))
     ).status_code == 409
 
-    # schedule 3 s ahead: starts then, not before
+    # schedule 2 s ahead: starts then, not before
     smtp.recorder.clear()
     await start_worker()  # a fast worker too
     sid3 = await publish(app_client, token, title="three")
-    at = time.time() + 3
+    at = time.time() + 2
     from datetime import UTC, datetime
 
     bid3 = await blast(app_client, token, sid3, send_at=datetime.fromtimestamp(at, UTC).isoformat())
     assert (await progress(app_client, token, bid3))["status"] == "scheduled"
-    await asyncio.sleep(2)
+    await reconcile_once(settings)  # not due yet: the reconciler leaves it alone
     assert (
         smtp.messages == [] and (await progress(app_client, token, bid3))["status"] == "scheduled"
     )
     await wait_until(lambda: smtp.messages, timeout=20)
     assert min(m.at for m in smtp.messages) >= at
     done = await wait_status(app_client, token, bid3, "done", timeout=60)
+    assert datetime.fromisoformat(done["started_at"]).timestamp() >= at
     assert done["sent"] == 240
 
 

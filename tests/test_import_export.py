@@ -20,11 +20,11 @@ from helpers import (
     MAILER,
     clean_redis,
     events,
+    queue_settled,
     settings_env,
     sql,
     subscriber,
     table_counts,
-    wait_until,
     write_csv,
 )
 from smtpserver import SmtpServer
@@ -158,8 +158,7 @@ async def test_default_import_mails_confirmations_confirmed_import_does_not(
         settings, write_csv(tmp_path / "a.csv", ["email", "name"], plain), ImportOptions()
     )
     assert (report.imported, report.queued) == (20, 20)
-    await wait_until(lambda: len(smtp.messages) >= 20)
-    await asyncio.sleep(0.5)
+    await queue_settled(settings)
     assert sorted(m.rcpt for m in smtp.messages) == sorted(r[0] for r in plain)
     for email, _ in plain:
         sub = await subscriber(settings, email)
@@ -179,7 +178,7 @@ async def test_default_import_mails_confirmations_confirmed_import_does_not(
     # The pending readers' list, now with a consent source: upgraded, still no mail.
     report = await import_csv(settings, tmp_path / "a.csv", opts)
     assert (report.imported, report.updated, report.queued) == (0, 20, 0)
-    await asyncio.sleep(1.0)
+    await queue_settled(settings)
     assert len(smtp.messages) == 20
     assert await status_counts(settings) == {"confirmed": 40}
 
