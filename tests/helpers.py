@@ -11,6 +11,7 @@ import csv
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -204,8 +205,9 @@ async def queue_settled(settings: Settings, timeout: float = 30.0) -> None:
     """Wait until every job queued so far, retries included, has run to its end.
 
     arq keeps a job in its queue until the job ends, and a job that queues more work does
-    so before it ends, so a queue holding nothing but the reconciler's next cron entry has
-    no work left: a deterministic stand-in for "wait a while, see that nothing more comes".
+    so before it ends, so a queue holding nothing but the reconciler's next cron entry (and
+    jobs scheduled more than a minute ahead, such as a blast for next year) has no work in
+    hand: a deterministic stand-in for "wait a while and see that nothing more comes".
     """
     from mailer.worker import worker_settings
 
@@ -214,7 +216,8 @@ async def queue_settled(settings: Settings, timeout: float = 30.0) -> None:
     try:
 
         async def settled() -> bool:
-            jobs = await client.zrange(settings.queue_name, 0, -1)
+            soon = (time.time() + 60) * 1000
+            jobs = await client.zrangebyscore(settings.queue_name, "-inf", soon)
             return all(job.startswith(cron) for job in jobs)
 
         await wait_until(settled, timeout=timeout, step=0.01)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import re
 import signal
@@ -20,12 +19,14 @@ from helpers import (
     editor_token,
     progress,
     publish,
+    queue_settled,
     seed_subscribers,
     sql,
     start_worker_process,
     subscriber,
     wait_status,
     wait_until,
+    wait_workers,
 )
 from smtpserver import DROP, Received, SmtpServer
 
@@ -92,9 +93,12 @@ async def test_rate_ceiling_across_two_worker_processes(
     token = await editor_token(settings)
     workers = [start_worker_process(settings, tmp_path / f"w{i}.log") for i in range(2)]
     try:
-        await asyncio.sleep(1.5)  # both running before the blast starts
+        await wait_workers(app_client, token, 2)  # both running before the blast starts
         bid = await blast(app_client, token, await publish(app_client, token))
-        await wait_status(app_client, token, bid, "done", timeout=60)
+        # Watched at the SMTP server, not by polling the API: this process stays quiet
+        # while the workers send (it is the one that receives and stamps the mail).
+        await wait_until(lambda: len(smtp.messages) >= 500, timeout=60, step=0.25)
+        await wait_status(app_client, token, bid, "done", timeout=30)
     finally:
         for w in workers:
             w.send_signal(signal.SIGTERM)
@@ -126,7 +130,8 @@ async def test_per_domain_rate(
     token = await editor_token(settings)
     await start_worker()
     bid = await blast(app_client, token, await publish(app_client, token))
-    await wait_status(app_client, token, bid, "done", timeout=60)
+    await wait_until(lambda: len(smtp.messages) >= 330, timeout=60, step=0.25)  # quietly
+    await wait_status(app_client, token, bid, "done", timeout=30)
     slow = sorted(m.at for m in smtp.messages if m.rcpt.endswith("@slow.test"))
     fast = sorted(m.at for m in smtp.messages if m.rcpt.endswith("@fast.test"))
     assert len(slow) == 30 and len(fast) == 300
@@ -147,7 +152,7 @@ async def test_daily_quota_waits_then_resumes(
     await start_worker()
     bid = await blast(app_client, token, await publish(app_client, token))
     await wait_until(lambda: len(smtp.messages) >= 100, timeout=30)
-    await asyncio.sleep(1.0)
+    await queue_settled(settings)  # every batch job has ended: the rest waits in SQL
     assert len(smtp.messages) == 100  # the quota holds
     p = await progress(app_client, token, bid)
     assert p["status"] == "sending" and p["sent"] == 100 and p["pending"] == 50

@@ -108,7 +108,7 @@ async def test_metrics_add_up_across_two_worker_processes(
     async def both_alive() -> bool:
         return value(await scrape(app_client), "mailer_workers_alive") == 2
 
-    await wait_until(both_alive, timeout=30, step=0.1)
+    await wait_until(both_alive, timeout=90, step=0.1)  # process start-ups: slow when busy
     bid = await blast(app_client, token, await publish(app_client, token))
     done = await wait_status(app_client, token, bid, "done", timeout=30)
     assert done["sent"] == 100 and len(smtp.messages) == 100

@@ -18,6 +18,7 @@ from helpers import (
     editor_token,
     progress,
     publish,
+    queue_settled,
     seed_subscribers,
     settings_env,
     wait_until,
@@ -64,14 +65,9 @@ async def test_status_shows_workers_queue_and_blasts(
         send_at="2099-01-01T09:00:00Z",
     )
 
-    async def settled() -> dict[str, Any] | None:
-        # In-flight messages are recorded after the pause; wait until nothing is claimed.
-        p = await progress(app_client, token, paused)
-        await asyncio.sleep(0.3)
-        again = await progress(app_client, token, paused)
-        return again if again == p and len(smtp.messages) == p["sent"] else None
-
-    p = await wait_until(settled, timeout=20)
+    await queue_settled(settings)  # in-flight messages are recorded after the pause
+    p = await progress(app_client, token, paused)
+    assert len(smtp.messages) == p["sent"]
 
     # --watch runs alongside; both start at once to spare the suite a process start-up.
     out_file, err_file = tmp_path / "watch.out", tmp_path / "watch.err"
