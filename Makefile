@@ -35,9 +35,11 @@ dev: install
 	  export MAILER_REDIS_URL=$${MAILER_REDIS_URL:-redis://127.0.0.1:6379/0}; fi; \
 	MAILER_ENV=dev $(BIN)/mailer dev
 
-## Set everything up and run the whole suite (lint, types, tests on SQLite and PostgreSQL).
+## Set everything up and run the whole suite (lint, types, tests on SQLite and PostgreSQL),
+## in parallel: slowest tests first, each worker taking the next test as it frees up.
+PYTEST_WORKERS ?= 3
 test: install services browser lint typecheck
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist load --maxschedchunk 1
 
 lint: install
 	$(BIN)/ruff check .

@@ -34,6 +34,22 @@ from mailer.worker import worker_settings
 
 pytest_plugins = ["isolation", "pytester"]
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slowest tests first (``@pytest.mark.slow(seconds)``), the rest in file order.
+
+    Under xdist (``--dist load --maxschedchunk 1``) each worker takes the next test as it
+    frees up, so the long tests start at once and the short ones fill the gaps: the run
+    ends when the work does, not when the last long test, started late, ends.
+    """
+
+    def seconds(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("slow")
+        return float(mark.args[0]) if mark and mark.args else 0.0
+
+    items.sort(key=lambda item: -seconds(item))
+
+
 REDIS_URL = os.environ.get("MAILER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_DSN = os.environ.get("MAILER_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 

@@ -339,6 +339,7 @@ class TestInBrowser:
             yield browser
             await browser.close()
 
+    @pytest.mark.slow(25)
     async def test_editor_and_subscriber_journey(
         self,
         live: httpx.AsyncClient,

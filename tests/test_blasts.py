@@ -157,6 +157,7 @@ async def test_unsubscribe_wins_during_a_slow_blast(
     assert all(n == 1 for n in counts.values())
 
 
+@pytest.mark.slow(15)
 async def test_pause_resume_cancel_and_schedule(
     app_client: httpx.AsyncClient, smtp: SmtpServer, settings: Settings, start_worker: Any
 ) -> None:

@@ -86,6 +86,7 @@ def test_reply_classification(code: int | None, message: str, verdict: Verdict) 
 @pytest.mark.parametrize(
     "settings_overrides", [{"rate_per_second": 50.0, "rate_burst": 5, "batch_size": 10}]
 )
+@pytest.mark.slow(20)
 async def test_rate_ceiling_across_two_worker_processes(
     app_client: httpx.AsyncClient, smtp: SmtpServer, settings: Settings, tmp_path: Path
 ) -> None:
@@ -122,6 +123,7 @@ async def test_rate_ceiling_across_two_worker_processes(
 @pytest.mark.parametrize(
     "settings_overrides", [{"domain_rates": {"slow.test": 5.0}, "rate_burst": 1}]
 )
+@pytest.mark.slow(10)
 async def test_per_domain_rate(
     app_client: httpx.AsyncClient, smtp: SmtpServer, settings: Settings, start_worker: Any
 ) -> None:
@@ -177,6 +179,7 @@ def fault_plan(rcpt: str, attempt: int) -> str | None:
 
 
 @pytest.mark.parametrize("settings_overrides", [{"batch_size": 100}])
+@pytest.mark.slow(90)
 async def test_faults_on_a_2000_blast(
     app_client: httpx.AsyncClient, smtp: SmtpServer, settings: Settings, start_worker: Any
 ) -> None:
@@ -331,6 +334,7 @@ async def test_dkim_signature_verifies(
 
 
 @pytest.mark.parametrize("settings_overrides", [{"batch_size": 100, "smtp_connections": 3}])
+@pytest.mark.slow(15)
 async def test_connections_are_reused(
     app_client: httpx.AsyncClient, smtp: SmtpServer, settings: Settings, start_worker: Any
 ) -> None:

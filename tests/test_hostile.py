@@ -184,6 +184,7 @@ def attacks(sid: int) -> list[Attack]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow(30)
 async def test_hostile_inputs_are_refused_and_write_nothing(
     app_client: httpx.AsyncClient, settings: Settings, smtp: SmtpServer
 ) -> None:
@@ -416,6 +417,7 @@ async def test_names_cannot_add_headers_to_the_confirmation_mail(
     assert {m.rcpt for m in smtp.messages} == set(everyone)
 
 
+@pytest.mark.slow(10)
 async def test_titles_cannot_add_headers_to_blasts_or_test_sends(
     app_client: httpx.AsyncClient, settings: Settings, smtp: SmtpServer, start_worker: Any
 ) -> None:

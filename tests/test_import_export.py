@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 from helpers import (
     MAILER,
@@ -102,6 +103,7 @@ async def status_counts(settings: Settings) -> dict[str, int]:
     return {status: int(n) for status, n in rows}
 
 
+@pytest.mark.slow(35)
 async def test_import_report_dry_run_and_rerun(
     settings: Settings, redis: aioredis.Redis, tmp_path: Path
 ) -> None:
@@ -221,6 +223,7 @@ def parse_export(text: str) -> list[dict[str, str]]:
     return sorted(rows, key=lambda r: r["email"])
 
 
+@pytest.mark.slow(12)
 async def test_export_import_round_trip_into_fresh_database(
     settings: Settings, redis: aioredis.Redis, tmp_path: Path
 ) -> None:
@@ -269,6 +272,7 @@ async def test_export_import_round_trip_into_fresh_database(
         await clean_redis(redis, fresh.queue_name)
 
 
+@pytest.mark.slow(30)
 async def test_cli_refuses_bad_invocations_in_one_line(tmp_path: Path) -> None:
     env = settings_env_defaults(tmp_path)
     good = write_csv(tmp_path / "ok.csv", ["email"], [["a@example.com"]])

@@ -97,6 +97,7 @@ def handed(inner: pytest.Pytester) -> list[list[object]]:
     return [json.loads(line) for line in lines]
 
 
+@pytest.mark.slow(10)
 def test_a_failing_teardown_is_reported_once_and_harms_no_other_test(
     inner: pytest.Pytester,
 ) -> None:
@@ -115,6 +116,7 @@ def test_a_failing_teardown_is_reported_once_and_harms_no_other_test(
         assert len(set(values)) == len(values), (column, values)
 
 
+@pytest.mark.slow(10)
 def test_without_the_containment_the_guard_stops_the_leak(inner: pytest.Pytester) -> None:
     """The root cause, shown: with the teardown unprotected, pytest hands the next test the
     previous test's fixtures, and the guard refuses to run it with them."""

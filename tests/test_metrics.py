@@ -98,6 +98,7 @@ def workers(settings: Settings, tmp_path: Path) -> Iterator[Workers]:
 @pytest.mark.parametrize(
     "settings_overrides", [{"rate_per_second": 200, "rate_burst": 5, "batch_size": 5}]
 )
+@pytest.mark.slow(20)
 async def test_metrics_add_up_across_two_worker_processes(
     app_client: httpx.AsyncClient, smtp: SmtpServer, settings: Settings, workers: Workers
 ) -> None:
@@ -206,6 +207,7 @@ def capture_blast_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFix
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # logs don't depend on the DB
+@pytest.mark.slow(10)
 async def test_json_logs_carry_state_changes_and_no_secrets(
     app_client: httpx.AsyncClient,
     smtp: SmtpServer,

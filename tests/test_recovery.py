@@ -28,6 +28,7 @@ from mailer.record import FLUSH_EVERY
 from mailer.web.app import create_app
 
 
+@pytest.mark.slow(70)
 async def test_sigkill_three_times_skips_nobody(
     app_client: httpx.AsyncClient, smtp: SmtpServer, settings: Settings, tmp_path: Path
 ) -> None:
@@ -88,6 +89,7 @@ def private_redis(tmp_path: Path) -> Any:
     proc.wait(10)
 
 
+@pytest.mark.slow(20)
 async def test_redis_flushall_mid_blast_loses_nothing(
     private_redis: str, smtp: SmtpServer, settings: Settings, start_worker: Any
 ) -> None:

@@ -44,6 +44,7 @@ def row(output: str, blast_id: int) -> list[str]:
 
 
 @pytest.mark.parametrize("settings_overrides", [{"rate_per_second": 20, "rate_burst": 1}])
+@pytest.mark.slow(12)
 async def test_status_shows_workers_queue_and_blasts(
     app_client: httpx.AsyncClient,
     smtp: SmtpServer,
