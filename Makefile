@@ -39,9 +39,11 @@ dev: install
 	  export MAILER_REDIS_URL=$${MAILER_REDIS_URL:-redis://127.0.0.1:6379/0}; fi; \
 	$(BIN)/mailer dev
 
-## Set everything up and run the whole suite (lint, types, tests on SQLite and PostgreSQL).
+## Set everything up and run the whole suite (lint, types, tests on SQLite and PostgreSQL),
+## in parallel: slowest tests first, each worker taking the next test as it frees up.
+PYTEST_WORKERS ?= 3
 test: install services browser tools lint typecheck
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist load --maxschedchunk 1
 
 lint: install
 	$(BIN)/ruff check .

@@ -2,12 +2,17 @@
 
 It can answer any reply (421/451/550 …) or drop the connection on cue, counts
 connections, and speaks STARTTLS or implicit TLS with a given certificate.
+
+Each message is stamped with the kernel's receive time of its last bytes
+(``SO_TIMESTAMPNS``), not with the time the server thread got round to it: rate tests
+measure the wire, and a busy test process must not bunch their timestamps up.
 """
 
 from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +35,7 @@ class Received:
     mail_from: str
     rcpt: str
     data: bytes
-    at: float
+    at: float  # when the end of the message reached the server's socket (kernel time)
     session: int
 
     @property
@@ -94,12 +99,61 @@ class _Handler:
                     rec.refused.append((rcpt, verdict))
                 return verdict
         data = envelope.original_content or b""
+        at = _received_at(server)
         with rec.lock:
             for rcpt in rcpts:
-                rec.messages.append(
-                    Received(str(envelope.mail_from), rcpt, data, time.time(), id(session))
-                )
+                rec.messages.append(Received(str(envelope.mail_from), rcpt, data, at, id(session)))
         return "250 2.0.0 OK queued"
+
+
+# Linux's SO_TIMESTAMPNS (the "old" 64-bit timespec form): with it set, every recvmsg()
+# carries the kernel's receive time of the data it returns.
+SO_TIMESTAMPNS = 35
+_ANCILLARY = socket.CMSG_SPACE(16)
+
+
+class _StampedSocket(socket.socket):
+    """A connection that remembers when the bytes it last returned reached the kernel.
+
+    asyncio reads a connection with ``recv`` (or ``recv_into`` under TLS); both go through
+    ``recvmsg`` here to pick up the timestamp. SMTP without PIPELINING is lock-step, so when
+    a message's DATA is complete, the last bytes read are its final line.
+    """
+
+    received_at = 0.0
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data, ancillary, _, _ = self.recvmsg(bufsize, _ANCILLARY, flags)
+        self._note(ancillary)
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        view = memoryview(buffer)
+        n, ancillary, _, _ = self.recvmsg_into(
+            [view[:nbytes] if nbytes else view], _ANCILLARY, flags
+        )
+        self._note(ancillary)
+        return n
+
+    def _note(self, ancillary: list[tuple[int, int, bytes]]) -> None:
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+                seconds, nanoseconds = struct.unpack("qq", data[:16])
+                self.received_at = seconds + nanoseconds / 1e9
+
+
+class _StampingListener(socket.socket):
+    def accept(self) -> tuple[socket.socket, Any]:
+        fd, address = self._accept()  # type: ignore[attr-defined]
+        conn = _StampedSocket(self.family, self.type, self.proto, fileno=fd)
+        conn.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        return conn, address
+
+
+def _received_at(server: SMTP) -> float:
+    sock = server.transport.get_extra_info("socket") if server.transport else None
+    sock = getattr(sock, "_sock", sock)  # asyncio wraps it in a TransportSocket
+    return getattr(sock, "received_at", 0.0) or time.time()
 
 
 class _CountingSMTP(SMTP):
@@ -121,6 +175,16 @@ class _Controller(Controller):
         smtp.recorder = self._recorder
         return smtp
 
+    def _create_server(self) -> Any:
+        """Listen on a socket of our own: port 0 lets the kernel pick a free port (no race
+        with other test processes), and it hands out timestamping connections."""
+        listener = _StampingListener(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.hostname, self.port))
+        listener.listen(128)
+        self.port = listener.getsockname()[1]
+        return self.loop.create_server(self._factory_invoker, sock=listener, ssl=self.ssl_context)
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -141,7 +205,7 @@ class SmtpServer:
         self.recorder = Recorder()
         kwargs: dict[str, Any] = {
             "hostname": "127.0.0.1",
-            "port": free_port(),
+            "port": 0,  # chosen by the kernel when the server starts
             "ready_timeout": 10,
             "decode_data": False,
             "data_size_limit": 10 * 1024 * 1024,

@@ -34,6 +34,7 @@ def _numbers(value: object) -> list[float]:
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.slow(60)
 def test_harness_produces_every_figure_on_tiny_sizes(tmp_path: Path) -> None:
     out = tmp_path / "benchmarks.md"
     chart = tmp_path / "bench-rate.png"

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from helpers import settings_env, sql
 from smtpserver import SmtpServer
 
@@ -58,6 +59,7 @@ async def test_publish_and_blast_from_a_markdown_file(settings: Settings, tmp_pa
     assert done.returncode == 0 and "Heading title" in done.stdout
 
 
+@pytest.mark.slow(10)
 async def test_publish_errors_name_the_problem_and_write_nothing(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -92,6 +94,7 @@ async def test_bad_settings_stop_start_up_with_one_line(settings: Settings) -> N
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow(20)
 async def test_send_test_and_migrate(settings: Settings, smtp: SmtpServer, tmp_path: Path) -> None:
     done = mailer(settings, "send-test", "ops@example.com")
     assert done.returncode == 0, done.stderr

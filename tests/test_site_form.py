@@ -11,8 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import wait_until
-from helpers import events, subscriber
+from helpers import events, subscriber, wait_until
 from playwright.async_api import Browser, async_playwright, expect
 from siteserver import SiteServer
 from starlette.requests import Request

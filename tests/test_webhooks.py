@@ -12,13 +12,22 @@ from typing import Any, Protocol
 
 import httpx
 import pytest
-from helpers import editor_token, seed_subscribers, sql, subscriber
+from helpers import (
+    blast,
+    editor_token,
+    publish,
+    rows,
+    seed_subscribers,
+    sql,
+    status_of,
+    subscriber,
+    wait_status,
+)
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 from smtpserver import SmtpServer
-from test_blasts import blast, publish, wait_status
 from webhook_payloads import (
     MAILGUN_KEY,
     POSTMARK_PASSWORD,
@@ -104,19 +113,6 @@ def hook(provider: str, sns: Sns) -> Hook:
 async def post(client: httpx.AsyncClient, path: str, request: Request) -> httpx.Response:
     body, headers = request
     return await client.post(path, content=body, headers=headers)
-
-
-async def rows(settings: Settings) -> list[tuple[Any, ...]]:
-    return await sql(
-        settings,
-        "SELECT kind, subscriber_id, blast_id, evidence, source FROM bounce_events ORDER BY id",
-    )
-
-
-async def status_of(settings: Settings, email: str) -> str:
-    sub = await subscriber(settings, email)
-    assert sub is not None
-    return str(sub.status)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
