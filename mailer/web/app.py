@@ -85,6 +85,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(webhooks.router)
     if settings.env is Env.dev:
         from mailer.web import devinbox
+        from mailer.web.admin import devlogin
 
         app.include_router(devinbox.router)
+        app.include_router(devlogin.router)
     return app
