@@ -213,6 +213,13 @@ async def test_the_log_pages_and_refuses_bad_filters(
         assert r.status_code == 422, query
         assert words in r.text.replace("&#39;", "'"), query
 
+    # No inline script or style on the new pages (the CSP would block them silently).
+    for path in ("/admin/bounces", f"/admin/blasts/{first}"):
+        html = (await app_client.get(path)).text
+        assert not re.search(r"<script(?![^>]*\bsrc=)", html), path
+        assert " style=" not in html and "<style" not in html, path
+        assert not re.search(r"<[^>]+\son[a-z]+=", html), path
+
     # The API: an editor token, and filters it can read.
     assert (await app_client.get("/api/bounces")).status_code == 401
     assert (await app_client.get("/api/bounces", headers=auth("mlr_wrong"))).status_code == 403

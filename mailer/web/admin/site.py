@@ -36,7 +36,7 @@ from mailer.web.admin.session import (
 from mailer.web.context import get_ctx
 from mailer.web.cors import site_origins
 from mailer.web.deps import StatementId, status_for
-from mailer.web.site_form import SnippetError, form_snippet
+from mailer.web.snippet import SnippetError, form_snippet
 
 MAX_SOURCE = 200
 MAX_REDIRECT = 2000
