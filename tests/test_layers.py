@@ -47,6 +47,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "cms_html",
         "feed_fetch",
         "feed_status",
+        "dev_login",
     ),
     3: (
         "blast_state",

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import secrets
-
 from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from mailer.editors import authenticate
 from mailer.web.admin.session import (
     SESSION_COOKIE,
-    SESSION_MAX_AGE_S,
     Flash,
     Post,
     Signed,
@@ -20,8 +17,7 @@ from mailer.web.admin.session import (
     log,
     redirect,
     render,
-    secure_cookies,
-    serializer,
+    start_session,
 )
 from mailer.web.context import client_ip, get_ctx
 
@@ -59,18 +55,7 @@ async def login(request: Request) -> Response:
             401,
             flash=Flash("error", "That editor token is not valid. Check it and try again."),
         )
-    # A fresh CSRF secret per login: a token seen in an old page dies with its session.
-    value = serializer(ctx, "session").dumps({"e": editor.id, "c": secrets.token_hex(16)})
-    response = redirect(request, "/admin/statements", f"Signed in as {editor.name}.")
-    response.set_cookie(
-        SESSION_COOKIE,
-        value,
-        max_age=SESSION_MAX_AGE_S,
-        path="/admin",
-        httponly=True,
-        samesite="lax",
-        secure=secure_cookies(ctx),
-    )
+    response = start_session(request, editor, "/admin/statements", f"Signed in as {editor.name}.")
     log.info("admin: editor %s signed in", editor.id)
     return response
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import secrets
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -132,6 +133,26 @@ async def current_session(request: Request) -> AdminSession | None:
     if editor is None or editor.disabled:
         return None
     return AdminSession(editor.id, editor.name, _csrf_token(ctx, secret))
+
+
+def start_session(request: Request, editor: Editor, url: str, text: str) -> Response:
+    """Sign ``editor`` in: the redirect to ``url`` (with ``text`` as its flash message)
+    carrying a new session cookie. The one way a session begins, whichever proof the
+    editor gave (their token at ``/admin/login``, a dev login link)."""
+    ctx = get_ctx(request)
+    # A fresh CSRF secret per login: a token seen in an old page dies with its session.
+    value = serializer(ctx, "session").dumps({"e": editor.id, "c": secrets.token_hex(16)})
+    response = redirect(request, url, text)
+    response.set_cookie(
+        SESSION_COOKIE,
+        value,
+        max_age=SESSION_MAX_AGE_S,
+        path="/admin",
+        httponly=True,
+        samesite="lax",
+        secure=secure_cookies(ctx),
+    )
+    return response
 
 
 async def _signed_in(request: Request) -> AdminSession:
