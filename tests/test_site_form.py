@@ -157,6 +157,16 @@ async def test_the_page_signed_up_on_is_kept_with_the_consent(
     assert r.status_code == 202  # not text: ignored
 
 
+async def test_a_source_or_redirect_that_is_not_text_is_refused_and_writes_nothing(
+    app_client: httpx.AsyncClient, settings: Settings
+) -> None:
+    for field, value in (("source", 123), ("redirect", ["https://x"]), ("source", {"a": 1})):
+        r = await app_client.post("/subscribe", json={"email": "t@example.com", field: value})
+        assert r.status_code == 422, (field, value, r.text)
+        assert r.json()["field"] == field
+    assert await subscriber(settings, "t@example.com") is None
+
+
 async def test_embed_js_is_our_own_small_cacheable_script(app_client: httpx.AsyncClient) -> None:
     r = await app_client.get("/embed.js")
     assert r.status_code == 200
