@@ -183,23 +183,27 @@ async def within_one_limiter_window(seconds_needed: float = 20.0) -> None:
 
 
 async def wait_until(
-    predicate: Callable[[], Any], timeout: float = 20.0, step: float = 0.02
+    predicate: Callable[[], Any], timeout: float = 20.0, step: float = 0.01, most: float = 0.25
 ) -> Any:
     """Poll an (async) predicate until it returns something truthy.
 
     For state that only shows from outside (mail arriving at the SMTP server, rows written
-    by a worker process); a stage that can be run directly is better run directly.
+    by a worker process); a stage that can be run directly is better run directly. The
+    pause between polls starts at ``step`` and grows to ``most``: a short wait ends within
+    milliseconds, a long one does not spend the CPU it is waiting for on polling.
     """
-    deadline = asyncio.get_running_loop().time() + timeout
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     while True:
         value = predicate()
         if asyncio.iscoroutine(value):
             value = await value
         if value:
             return value
-        if asyncio.get_running_loop().time() > deadline:
+        if loop.time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(step)
+        step = min(most, step * 1.5)
 
 
 async def queue_settled(settings: Settings, timeout: float = 30.0) -> None:
@@ -221,7 +225,7 @@ async def queue_settled(settings: Settings, timeout: float = 30.0) -> None:
             jobs = await client.zrangebyscore(settings.queue_name, "-inf", soon)
             return all(job.startswith(cron) for job in jobs)
 
-        await wait_until(settled, timeout=timeout, step=0.01)
+        await wait_until(settled, timeout=timeout, step=0.005, most=0.05)
     finally:
         await client.aclose()
 
@@ -302,7 +306,7 @@ async def wait_workers(client: httpx.AsyncClient, token: str, n: int) -> None:
         r = await client.get("/api/queue", headers=auth(token))
         return r.status_code == 200 and int(r.json()["workers"]) >= n
 
-    await wait_until(alive, timeout=90, step=0.05)
+    await wait_until(alive, timeout=90, step=0.05, most=0.1)
 
 
 # Worker processes -------------------------------------------------------------------------

@@ -276,33 +276,43 @@ async def test_export_import_round_trip_into_fresh_database(
 async def test_cli_refuses_bad_invocations_in_one_line(tmp_path: Path) -> None:
     env = settings_env_defaults(tmp_path)
     good = write_csv(tmp_path / "ok.csv", ["email"], [["a@example.com"]])
+    noemail = write_csv(tmp_path / "names.csv", ["name", "phone"], [["Ada", "1"]])
+    huge = tmp_path / "huge.csv"
+    with huge.open("wb") as fh:  # sparse: costs no disk
+        fh.truncate(201 * 1024 * 1024)
+    latin = tmp_path / "latin1.csv"
+    latin.write_bytes("email,name\nj@example.com,Jos\xe9\n".encode("latin-1"))
 
-    r = await run_cli(env, "subscribers", "import", str(good), "--confirmed")
+    # Independent invocations: run side by side, each checked on its own below.
+    confirmed, missing, no_email, too_big, not_utf8, bad_status = await asyncio.gather(
+        run_cli(env, "subscribers", "import", str(good), "--confirmed"),
+        run_cli(env, "subscribers", "import", str(tmp_path / "missing.csv")),
+        run_cli(env, "subscribers", "import", str(noemail)),
+        run_cli(env, "subscribers", "import", str(huge)),
+        run_cli(env, "subscribers", "import", str(latin)),
+        run_cli(env, "subscribers", "export", "--status", "vip"),
+    )
+
+    r = confirmed
     assert r.returncode == 2 and "--consent-source" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
-    r = await run_cli(env, "subscribers", "import", str(tmp_path / "missing.csv"))
+    r = missing
     assert (
         r.returncode != 0 and r.stderr.strip() == f"error: {tmp_path / 'missing.csv'}: no such file"
     )
 
-    noemail = write_csv(tmp_path / "names.csv", ["name", "phone"], [["Ada", "1"]])
-    r = await run_cli(env, "subscribers", "import", str(noemail))
+    r = no_email
     assert r.returncode != 0 and "no 'email' column" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
-    huge = tmp_path / "huge.csv"
-    with huge.open("wb") as fh:  # sparse: costs no disk
-        fh.truncate(201 * 1024 * 1024)
-    r = await run_cli(env, "subscribers", "import", str(huge))
+    r = too_big
     assert r.returncode != 0 and "200 MB import limit" in r.stderr
 
-    latin = tmp_path / "latin1.csv"
-    latin.write_bytes("email,name\nj@example.com,Jos\xe9\n".encode("latin-1"))
-    r = await run_cli(env, "subscribers", "import", str(latin))
+    r = not_utf8
     assert r.returncode != 0 and "line 2 is not UTF-8" in r.stderr
 
-    r = await run_cli(env, "subscribers", "export", "--status", "vip")
+    r = bad_status
     assert r.returncode == 2 and "--status must be one of" in r.stderr
     assert not (tmp_path / "never.db").exists()  # refused before touching anything
 
