@@ -87,6 +87,18 @@ class Keys:
         """When the reconciler first found this blast idle with work left (epoch seconds)."""
         return f"{self.queue}:blast:{blast_id}:idle-since"
 
+    def admin_session(self, session_digest: str) -> str:
+        """One signed-in admin session, by a SHA-256 of its id (mailer/admin_sessions.py)."""
+        return f"{self.queue}:admin:session:{session_digest}"
+
+    def admin_editor_sessions(self, editor_id: int) -> str:
+        """Set of one editor's session digests, so disabling the editor can end them all."""
+        return f"{self.queue}:admin:editor:{editor_id}:sessions"
+
+    def admin_login(self, ip: str, window: int) -> str:
+        """Attempts to sign in to /admin from one client address in one window."""
+        return f"{self.queue}:ratelimit:admin-login:{ip}:{window}"
+
     def admin_preview(self, editor_id: int, draft_id: str) -> str:
         """A draft being composed in the admin UI, kept briefly for its preview frame."""
         return f"{self.queue}:admin:preview:{editor_id}:{draft_id}"

@@ -67,7 +67,11 @@ class SubscriberStatus(StrEnum):
 
 class Subscriber(Base):
     __tablename__ = "subscribers"
-    __table_args__ = (Index("ix_subscribers_status", "status"), {"sqlite_autoincrement": True})
+    __table_args__ = (
+        Index("ix_subscribers_status", "status"),
+        Index("ix_subscribers_confirm_due_at", "confirm_due_at"),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     email: Mapped[str] = mapped_column(String(320), unique=True)
@@ -78,7 +82,11 @@ class Subscriber(Base):
     confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     unsubscribed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     bounced_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The confirmation mail is SQL truth like a blast (docs/security.md): due when one is
+    # owed (NULL: none), sent when the relay last accepted one, attempts since it was owed.
+    confirm_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     confirm_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    confirm_attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     # Someone posted this unsubscribed/bounced address to the sign-up form: the row keeps
     # its status until a confirmation link mailed after this is clicked (docs/security.md).
     resubscribe_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -3,8 +3,8 @@
 SQL is the truth (docs/design.md, invariant 1); Redis only holds work that can be
 derived again from the rows. An arq cron job (unique across workers) runs this
 every ``MAILER_RECONCILE_INTERVAL_S``: it starts due blasts, frees the rows whose
-lease ran out (a worker died holding them) and fans out blasts whose batches
-stopped moving.
+lease ran out (a worker died holding them), fans out blasts whose batches
+stopped moving, and queues the confirmation mails that are due but have no job.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 
 from sqlalchemy import or_, select, update
 
+from mailer import confirmations
 from mailer.blast_state import finish_if_complete
 from mailer.blasts import fan_out
 from mailer.db import utcnow
@@ -83,6 +84,7 @@ async def reconcile(runtime: Runtime, queue: Queue) -> None:
             enqueued = await _unstick(runtime, queue, blast_id)
         if enqueued:
             log.info("reconciler: blast %s had idle work, enqueued %s batches", blast_id, enqueued)
+    await confirmations.requeue_due(runtime, queue)
 
 
 async def _unstick(runtime: Runtime, queue: Queue, blast_id: int) -> int:

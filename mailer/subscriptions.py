@@ -13,6 +13,7 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import func, or_, select, update
@@ -129,6 +130,13 @@ class Origin:
         )
 
 
+class Owed(NamedTuple):
+    """A confirmation mail recorded as owed: ``subscribers.confirm_due_at`` of that row."""
+
+    subscriber_id: int
+    due_at: datetime
+
+
 async def subscribe(
     session: AsyncSession,
     email: str,
@@ -137,15 +145,18 @@ async def subscribe(
     *,
     resend_after_s: int,
     source: str | None = None,
-) -> int | None:
-    """Record a sign-up. Returns the subscriber id to mail a confirmation to, or None.
+    mail: bool = True,
+) -> Owed | None:
+    """Record a sign-up, and in the same transaction the confirmation mail it is owed.
 
-    None means "send nothing": already confirmed, or a confirmation went out less
-    than ``resend_after_s`` ago (the cooldown that stops mail bombing a victim).
+    None means "send nothing": ``mail`` is False (a limit in Redis said no), already
+    confirmed, a mail is owed already, or one went out less than ``resend_after_s`` ago
+    (the cooldown that stops mail bombing a victim). An owed mail is sent by its job or,
+    if that job is lost, by the reconciler (``mailer/confirmations.py``).
     """
     for _attempt in range(2):
         try:
-            return await _subscribe_once(session, email, name, origin, resend_after_s, source)
+            return await _subscribe_once(session, email, name, origin, resend_after_s, source, mail)
         except IntegrityError:  # a concurrent sign-up of the same address won the insert
             await session.rollback()
     raise RuntimeError("could not record sign-up")  # pragma: no cover
@@ -158,6 +169,7 @@ async def _insert_new(
     origin: Origin,
     now: datetime,
     source: str | None,
+    mail: bool,
 ) -> int | None:
     """The common case, a new address, in two statements: the id, or None if it exists.
 
@@ -174,7 +186,7 @@ async def _insert_new(
             status=SubscriberStatus.pending,
             created_at=now,
             updated_at=now,
-            confirm_sent_at=now,
+            confirm_due_at=now if mail else None,
         )
         .on_conflict_do_nothing(index_elements=["email"])
         .returning(Subscriber.id)
@@ -204,10 +216,11 @@ async def _subscribe_once(
     origin: Origin,
     resend_after_s: int,
     source: str | None,
-) -> int | None:
+    mail: bool,
+) -> Owed | None:
     now = utcnow()
-    if (new_id := await _insert_new(session, email, name, origin, now, source)) is not None:
-        return new_id
+    if (new_id := await _insert_new(session, email, name, origin, now, source, mail)) is not None:
+        return Owed(new_id, now) if mail else None
     sub = await session.scalar(select(Subscriber).where(Subscriber.email == email))
     if sub is None:
         sub = Subscriber(email=email, name=name, status=SubscriberStatus.pending)
@@ -228,16 +241,19 @@ async def _subscribe_once(
         session.add(origin.event(sub.id, "signup", _with_source(detail, source)))
     else:
         session.add(origin.event(sub.id, "signup_repeat", _with_source("pending", source)))
+    sub_id = sub.id
+    if not mail:
+        await session.commit()
+        return None
     cutoff = now - timedelta(seconds=resend_after_s)
     claimed = await session.execute(
         update(Subscriber)
-        .where(Subscriber.id == sub.id)
+        .where(Subscriber.id == sub_id, Subscriber.confirm_due_at.is_(None))
         .where(or_(Subscriber.confirm_sent_at.is_(None), Subscriber.confirm_sent_at < cutoff))
-        .values(confirm_sent_at=now)
+        .values(confirm_due_at=now, confirm_attempts=0)
     )
-    sub_id = sub.id
     await session.commit()
-    return sub_id if claimed.rowcount == 1 else None  # type: ignore[attr-defined]
+    return Owed(sub_id, now) if claimed.rowcount == 1 else None  # type: ignore[attr-defined]
 
 
 def left_at(sub: Subscriber) -> datetime | None:
@@ -260,7 +276,7 @@ async def confirm(session: AsyncSession, claim: ConfirmClaim, origin: Origin) ->
     ):
         raise TokenError("This confirmation link is no longer valid.", expired=True)
     now = utcnow()
-    sub.resubscribe_requested_at = None
+    sub.resubscribe_requested_at = sub.confirm_due_at = None
     sub.status = SubscriberStatus.confirmed
     sub.confirmed_at = now
     sub.consent_at = now
@@ -300,7 +316,7 @@ async def unsubscribe(
         # Also when a re-sign-up is waiting: leaving again voids the links mailed for it.
         sub.status = SubscriberStatus.unsubscribed
         sub.unsubscribed_at = utcnow()
-        sub.resubscribe_requested_at = None
+        sub.resubscribe_requested_at = sub.confirm_due_at = None
         session.add(origin.event(sub.id, "unsubscribed", how))
         await session.commit()
     return sub
@@ -322,7 +338,12 @@ async def mark_bounced(
                 Subscriber.resubscribe_requested_at.is_not(None),
             )
         )
-        .values(status=SubscriberStatus.bounced, bounced_at=when, resubscribe_requested_at=None)
+        .values(
+            status=SubscriberStatus.bounced,
+            bounced_at=when,
+            resubscribe_requested_at=None,
+            confirm_due_at=None,
+        )
     )
     session.add_all(
         SubscriberEvent(subscriber_id=sid, kind="bounced", detail=detail[:500])

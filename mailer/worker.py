@@ -22,7 +22,6 @@ from arq.connections import RedisSettings
 from arq.worker import Function, Worker, func
 
 from mailer import blasts, confirmations, reconcile
-from mailer.backoff import retry_delay
 from mailer.config import Settings
 from mailer.delivery import Sender
 from mailer.feeds import Poller
@@ -34,6 +33,8 @@ from mailer.queue import (
     SEND_CONFIRMATION,
     START_BLAST,
     Queue,
+    dumps,
+    loads,
 )
 from mailer.render import Renderer
 from mailer.runtime import Runtime
@@ -52,11 +53,11 @@ def _ctx_runtime(ctx: dict[str, Any]) -> Runtime:
 
 
 async def send_confirmation(ctx: dict[str, Any], subscriber_id: int) -> str:
+    # One try per job: a failed try is owed again in SQL and queued as a new job.
     runtime = _ctx_runtime(ctx)
-    try:
-        return await confirmations.send(runtime, ctx["smtp"], ctx["renderer"], subscriber_id)
-    except confirmations.RetryLater as exc:
-        raise Retry(defer=retry_delay(ctx["job_try"], runtime.settings.retry_base_s)) from exc
+    return await confirmations.send(
+        runtime, ctx["queue"], ctx["smtp"], ctx["renderer"], subscriber_id
+    )
 
 
 async def send_batch(ctx: dict[str, Any], blast_id: int, first_id: int, last_id: int) -> str:
@@ -86,7 +87,7 @@ class Task:
 # and the reconciler, not through arq, which would re-run the job only once its
 # in-progress key expired (timeout + 10 s); a re-run finds nothing left to claim.
 TASKS = (
-    Task(SEND_CONFIRMATION, send_confirmation, timeout_s=60, max_tries=12),
+    Task(SEND_CONFIRMATION, send_confirmation, confirmations.JOB_TIMEOUT_S, max_tries=12),
     Task(SEND_BATCH, send_batch, timeout_s=120, max_tries=1000, keep_result=0),
     Task(START_BLAST, start_blast, timeout_s=300, max_tries=100, keep_result=0),
 )
@@ -206,6 +207,9 @@ def worker_settings(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "cron_jobs": crons,
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "queue_name": settings.queue_name,
+        # msgpack, not arq's pickle: a payload planted in Redis is data, never code.
+        "job_serializer": dumps,
+        "job_deserializer": loads,
         "on_startup": make_startup(settings),
         "on_shutdown": shutdown,
         "health_check_interval": 30,

@@ -43,6 +43,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "render",
         "subscriptions",
         "editors",
+        "admin_sessions",
         "privacy",
         "cms_html",
         "feed_fetch",

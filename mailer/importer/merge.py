@@ -33,8 +33,9 @@ def _new_values(row: Row, now: datetime) -> dict[str, Any]:
         "confirmed_at": t.get("confirmed_at"),
         "unsubscribed_at": t.get("unsubscribed_at"),
         "bounced_at": None,
-        # Claimed here like subscriptions.subscribe does, so the resend cooldown holds.
-        "confirm_sent_at": now if row.status == SubscriberStatus.pending else None,
+        # Owed in the row itself, like subscriptions.subscribe does: a job lost in Redis
+        # is queued again by the reconciler (mailer/confirmations.py).
+        "confirm_due_at": now if row.status == SubscriberStatus.pending else None,
         "consent_at": t.get("consent_at"),
         "consent_ip": row.consent_ip,
         "consent_user_agent": None,
@@ -68,16 +69,21 @@ def _event(subscriber_id: int, now: datetime, detail: str) -> dict[str, Any]:
 
 
 async def apply_chunk(
-    runtime: Runtime, chunk: Chunk, opts: ImportOptions, report: Report
+    runtime: Runtime,
+    chunk: Chunk,
+    opts: ImportOptions,
+    report: Report,
+    now: datetime | None = None,
 ) -> list[int]:
-    """Merge one chunk (counting into ``report``); return the ids to mail a confirmation to.
+    """Merge one chunk (counting into ``report``); return the ids to mail a confirmation to,
+    each owed from ``now`` (``subscribers.confirm_due_at``).
 
     With ``opts.dry_run`` every decision is made and counted, but nothing is written.
     """
     emails = [r.email for r in chunk.rows] + [r.email for r in chunk.late_duplicates]
     if not emails:
         return []
-    now = utcnow()
+    now = now or utcnow()
     # A dry run only reads: on SQLite it must not take (or wait for) the write lock.
     engine = readonly(runtime.engine) if opts.dry_run else runtime.engine
     async with engine.begin() as conn:

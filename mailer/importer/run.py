@@ -6,13 +6,15 @@ existing and changes nothing.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
 
+from mailer import confirmations
 from mailer.config import Settings
+from mailer.db import utcnow
 from mailer.importer.csvfile import check_file, read_chunks
 from mailer.importer.merge import apply_chunk
 from mailer.importer.report import Chunk, Report
@@ -22,13 +24,13 @@ from mailer.runtime import Runtime
 
 
 async def _apply_with_retry(
-    runtime: Runtime, chunk: Chunk, opts: ImportOptions, report: Report
+    runtime: Runtime, chunk: Chunk, opts: ImportOptions, report: Report, now: datetime
 ) -> list[int]:
     """Retry a chunk that lost a race with a sign-up of one of its addresses (unique email)."""
     for attempt in range(3):
         delta = Report()
         try:
-            queued = await apply_chunk(runtime, chunk, opts, delta)
+            queued = await apply_chunk(runtime, chunk, opts, delta, now)
         except IntegrityError:
             if attempt == 2:
                 raise
@@ -38,13 +40,13 @@ async def _apply_with_retry(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _enqueue(runtime: Runtime, queue: Queue, ids: list[int]) -> None:
+async def _enqueue(runtime: Runtime, queue: Queue, ids: list[int], due: datetime) -> None:
     """Queue the chunk's confirmation mails in one Redis round trip.
 
-    Only after the chunk committed: a job that ran first would find no pending row.
+    Only after the chunk committed: a job that ran first would find nothing owed. The
+    rows say the mails are owed, so if this never happens the reconciler queues them.
     """
-    stamp = int(time.time())
-    await queue.confirmations([(i, runtime.keys.confirm_job_id(i, stamp)) for i in ids])
+    await queue.confirmations([(i, confirmations.job_id(runtime, i, due)) for i in ids])
 
 
 async def import_csv(
@@ -62,9 +64,10 @@ async def import_csv(
         if not opts.dry_run:
             queue = await Queue.connect(settings)  # fail before writing, not after
         for chunk in read_chunks(path, opts, report):
-            queued = await _apply_with_retry(runtime, chunk, opts, report)
+            now = utcnow()
+            queued = await _apply_with_retry(runtime, chunk, opts, report, now)
             if queue is not None and queued:
-                await _enqueue(runtime, queue, queued)
+                await _enqueue(runtime, queue, queued, now)
                 report.queued += len(queued)
             if progress is not None:
                 progress(chunk.last_line, total)

@@ -130,7 +130,8 @@ async def _gather_redis(runtime: Runtime, queue: Queue, figures: Figures) -> Non
 
 
 async def _gather_sql(runtime: Runtime, figures: Figures) -> None:
-    async with runtime.sessions() as session:
+    # Reads only (``Runtime.reads``): scrapes never take or wait for SQLite's write lock.
+    async with runtime.reads() as session:
         subscribers = await session.execute(
             select(Subscriber.status, func.count()).group_by(Subscriber.status)
         )
@@ -145,7 +146,7 @@ async def _gather_sql(runtime: Runtime, figures: Figures) -> None:
 
 async def active_blasts(runtime: Runtime) -> list[Progress]:
     """Progress of every blast not yet done or cancelled, oldest first."""
-    async with runtime.sessions() as session:
+    async with runtime.reads() as session:
         ids = list(
             await session.scalars(
                 select(Blast.id).where(Blast.status.in_(blasts.ACTIVE)).order_by(Blast.id)

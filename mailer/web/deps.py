@@ -15,7 +15,7 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from mailer.editors import authenticate
+from mailer.editors import authenticate, well_formed
 from mailer.errors import Conflict, Invalid, MailerError, NotFound
 from mailer.models import Editor, Statement
 from mailer.render import StatementContent, make_message_id
@@ -59,12 +59,16 @@ _bearer = HTTPBearer(auto_error=False, description="an editor token from `mailer
 
 
 async def authenticate_bearer(request: Request) -> Editor:
+    """A token that cannot be one is refused before any query; the lookup only reads, so
+    a flood of junk tokens never takes (or waits for) SQLite's write lock."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "missing bearer token", {"WWW-Authenticate": "Bearer"})
+    if not well_formed(token.strip()):
+        raise ApiError(403, "invalid editor token")
     ctx = get_ctx(request)
-    async with ctx.runtime.sessions() as session:
+    async with ctx.runtime.reads() as session:
         editor = await authenticate(session, token.strip())
     if editor is None:
         raise ApiError(403, "invalid editor token")

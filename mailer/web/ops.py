@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
+from mailer.db import readonly
 from mailer.ops.figures import queue_overview
 from mailer.ops.prometheus import Exporter
 from mailer.web.context import get_ctx
@@ -76,8 +77,8 @@ async def readyz(request: Request) -> JSONResponse:
         checks["redis"] = "ok"
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
         checks["redis"] = f"unavailable: {type(exc).__name__}"
-    try:
-        async with ctx.runtime.engine.connect() as conn:
+    try:  # read-only: a flood of probes never queues for SQLite's write lock
+        async with readonly(ctx.runtime.engine).connect() as conn:
             await asyncio.wait_for(conn.execute(text("SELECT 1")), 2)
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001

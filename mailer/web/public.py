@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 
-from mailer import subscriptions
+from mailer import confirmations, subscriptions
 from mailer.models import Subscriber
 from mailer.signup_guard import may_send_confirmation
 from mailer.subscriptions import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH, InvalidInput, Origin
@@ -187,18 +187,22 @@ async def subscribe(request: Request) -> Response:
         )
 
     if not data.get("website"):  # the honeypot: people never see or fill it
+        # The limits in Redis decide first, so that SQL records in one transaction the
+        # sign-up and the mail it is owed; the job is queued after the commit, and the
+        # reconciler queues it again if it is lost (mailer/confirmations.py).
+        may_mail = await may_send_confirmation(ctx.runtime, email)
         async with ctx.runtime.sessions() as session:
-            sub_id = await subscriptions.subscribe(
+            owed = await subscriptions.subscribe(
                 session,
                 email,
                 name,
                 origin,
                 resend_after_s=settings.confirm_resend_s,
                 source=source,
+                mail=may_mail,
             )
-        if sub_id is not None and await may_send_confirmation(ctx.runtime, email):
-            job_id = ctx.runtime.keys.confirm_job_id(sub_id, int(time.time()))
-            await ctx.queue.confirmation(sub_id, job_id)
+        if owed is not None:
+            await confirmations.enqueue(ctx.runtime, ctx.queue, owed)
 
     if as_json:
         return JSONResponse(ACCEPTED, 202)
@@ -214,8 +218,9 @@ def _token_error(ctx: AppContext, request: Request, exc: TokenError) -> Response
 
 
 async def _known(ctx: AppContext, subscriber_id: int, what: str) -> None:
-    """GET pages only read: a signed link to an erased subscriber is still a dead link."""
-    async with ctx.runtime.sessions() as session:
+    """GET pages only read: a signed link to an erased subscriber is still a dead link.
+    A read-only session: a flood of link checks never takes SQLite's write lock."""
+    async with ctx.runtime.reads() as session:
         if await session.get(Subscriber, subscriber_id) is None:
             raise TokenError(f"This {what} link is not valid.")
 

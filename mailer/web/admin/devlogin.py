@@ -53,4 +53,4 @@ async def dev_login_post(request: Request, token: str) -> Response:
     if editor is None or editor.disabled:
         return _refused(request)
     log.info("admin: editor %s signed in with a dev login link", editor.id)
-    return start_session(request, editor, "/admin/statements", f"Signed in as {editor.name}.")
+    return await start_session(request, editor, "/admin/statements", f"Signed in as {editor.name}.")

@@ -1,10 +1,14 @@
-"""Admin sessions: the signed cookie, the CSRF check, flash messages and page rendering.
+"""Admin sessions: the session cookie, the CSRF check, flash messages and page rendering.
 
 Browsers cannot attach a bearer token to a form post, so an editor trades the
-token once for a signed session cookie (HttpOnly, SameSite=Lax, Path=/admin).
-Because a cookie rides along on cross-site posts too, every POST except the
-login carries a CSRF token derived from a secret inside that cookie, and is
-refused before anything is read or written when the token does not match.
+token once for a session cookie (HttpOnly, SameSite=Lax, Path=/admin) that carries
+only the signed id of a session kept in Redis (``mailer/admin_sessions.py``), so
+logging out, disabling the editor or rotating their token ends it. Because a cookie
+rides along on cross-site posts too, every POST except the login carries a CSRF token
+derived from a secret of that session, and is refused before anything is read or
+written when the token does not match. Cookies and CSRF tokens are signed with the
+current key only: a key kept in ``MAILER_OLD_SECRET_KEYS`` for old unsubscribe links
+opens no admin session (docs/security.md).
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import secrets
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -23,6 +26,8 @@ from fastapi.routing import APIRoute
 from itsdangerous import BadData, URLSafeTimedSerializer
 from starlette.datastructures import FormData
 
+from mailer import admin_sessions
+from mailer.editors import generation
 from mailer.models import Editor
 from mailer.web.context import AppContext, get_ctx
 
@@ -30,7 +35,7 @@ log = logging.getLogger("mailer.admin")
 
 SESSION_COOKIE = "mailer_admin"
 FLASH_COOKIE = "mailer_admin_flash"
-SESSION_MAX_AGE_S = 12 * 3600
+SESSION_MAX_AGE_S = admin_sessions.SESSION_TTL_S
 FLASH_MAX_AGE_S = 120
 CSRF_FIELD = "csrf_token"
 
@@ -71,6 +76,7 @@ class AdminSession:
     editor_id: int
     editor_name: str
     csrf_token: str
+    session_id: str = ""  # the id in the cookie, for logging out
 
 
 @dataclass(frozen=True)
@@ -86,8 +92,10 @@ class Posted:
 
 
 def serializer(ctx: AppContext, purpose: str) -> URLSafeTimedSerializer:
-    # signing_keys ends with the current key; older ones still verify (rotation).
-    return URLSafeTimedSerializer(ctx.runtime.settings.signing_keys, salt=f"mailer.admin.{purpose}")
+    # The current key alone (signing_keys ends with it): old keys verify mailed links,
+    # never admin cookies, so a rotation also ends every session signed before it.
+    current = ctx.runtime.settings.signing_keys[-1]
+    return URLSafeTimedSerializer(current, salt=f"mailer.admin.{purpose}")
 
 
 def _csrf_token(ctx: AppContext, secret: str) -> str:
@@ -119,29 +127,33 @@ async def current_session(request: Request) -> AdminSession | None:
     if not raw:
         return None
     try:
-        data = serializer(ctx, "session").loads(raw, max_age=SESSION_MAX_AGE_S)
+        session_id = serializer(ctx, "session").loads(raw, max_age=SESSION_MAX_AGE_S)
     except BadData:
         return None
-    if not isinstance(data, dict):
+    if not isinstance(session_id, str):
         return None
-    editor_id, secret = data.get("e"), data.get("c")
-    if not isinstance(editor_id, int) or not isinstance(secret, str):
+    stored = await admin_sessions.load(ctx.runtime.redis, ctx.runtime.keys, session_id)
+    if stored is None:  # logged out, ended, expired, or never existed
         return None
-    # Looked up every time, so disabling an editor ends their sessions at once.
-    async with ctx.runtime.sessions() as session:
-        editor = await session.get(Editor, editor_id)
-    if editor is None or editor.disabled:
+    # Looked up every time (read-only: no write lock), so disabling an editor or
+    # rotating their token ends their sessions at once.
+    async with ctx.runtime.reads() as session:
+        editor = await session.get(Editor, stored.editor_id)
+    if editor is None or editor.disabled or generation(editor) != stored.generation:
         return None
-    return AdminSession(editor.id, editor.name, _csrf_token(ctx, secret))
+    return AdminSession(editor.id, editor.name, _csrf_token(ctx, stored.csrf_secret), session_id)
 
 
-def start_session(request: Request, editor: Editor, url: str, text: str) -> Response:
+async def start_session(request: Request, editor: Editor, url: str, text: str) -> Response:
     """Sign ``editor`` in: the redirect to ``url`` (with ``text`` as its flash message)
     carrying a new session cookie. The one way a session begins, whichever proof the
     editor gave (their token at ``/admin/login``, a dev login link)."""
     ctx = get_ctx(request)
-    # A fresh CSRF secret per login: a token seen in an old page dies with its session.
-    value = serializer(ctx, "session").dumps({"e": editor.id, "c": secrets.token_hex(16)})
+    # A fresh session (and CSRF secret) per login: a token seen in an old page dies with it.
+    session_id = await admin_sessions.begin(
+        ctx.runtime.redis, ctx.runtime.keys, editor.id, generation(editor)
+    )
+    value = serializer(ctx, "session").dumps(session_id)
     response = redirect(request, url, text)
     response.set_cookie(
         SESSION_COOKIE,
