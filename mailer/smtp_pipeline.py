@@ -94,6 +94,7 @@ class ReplyReader(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._progress = 0.0
         self.error: BaseException | None = None
+        self.size = False  # the server takes MAIL FROM's SIZE= (RFC 1870)
 
     @property
     def idle(self) -> bool:
@@ -228,6 +229,7 @@ class PipeliningSMTP(aiosmtplib.SMTP):
         if transport is None or transport.is_closing():
             raise aiosmtplib.SMTPServerDisconnected("Server not connected")
         reader = ReplyReader(transport, self.timeout, self._lost)
+        reader.size = self.supports_extension("size")
         transport.set_protocol(reader)
         self._reader = reader
         return reader
@@ -246,29 +248,20 @@ class PipeliningSMTP(aiosmtplib.SMTP):
     async def send_one(self, sender: str, recipient: str, data: bytes) -> bool:
         """Send one message; raise what aiosmtplib's ``sendmail`` would raise for the same
         replies. True when the transaction was pipelined."""
-        if self.is_ehlo_or_helo_needed:  # connect() greets only for STARTTLS or AUTH
-            try:
-                await self.ehlo()
-            except aiosmtplib.SMTPHeloError:
-                if not self.is_connected:
-                    raise
-                await self.helo()  # what sendmail does with a server that refuses EHLO
         plain = PLAIN_ADDRESS.fullmatch
-        if not (
-            self.use_pipelining
-            and self.supports_extension("pipelining")
-            and plain(sender)
-            and plain(recipient)
+        reader = self._reader  # set once this connection is known to pipeline
+        if (
+            reader is None
+            or reader.transport is not self.transport
+            or not (plain(sender) and plain(recipient))
         ):
-            if not self._hand_back():
-                self.close()
-                raise aiosmtplib.SMTPServerDisconnected("Connection closed")
-            await self.sendmail(sender, [recipient], data)
-            return False
-        reader = self._reader or self._take_over()
+            reader = await self._pipeline(sender, recipient)
+            if reader is None:
+                await self.sendmail(sender, [recipient], data)
+                return False
         message, size = wire_message(data)
         mail = b"MAIL FROM:<" + sender.encode() + b">"
-        if self.supports_extension("size"):
+        if reader.size:
             mail += b" SIZE=%d" % size
         envelope = mail + b"\r\nRCPT TO:<" + recipient.encode() + b">\r\nDATA\r\n"
         keep = False
@@ -289,6 +282,32 @@ class PipeliningSMTP(aiosmtplib.SMTP):
         finally:
             if not keep:  # a timeout, a drop, a 421, a cancelled send: never reuse the line
                 self.close()
+
+    async def _pipeline(self, sender: str, recipient: str) -> ReplyReader | None:
+        """The reader to pipeline this message on, or None to send it through aiosmtplib
+        (the server offers no PIPELINING, or an address needs aiosmtplib's parsing)."""
+        if self.is_ehlo_or_helo_needed:  # connect() greets only for STARTTLS or AUTH
+            try:
+                await self.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                if not self.is_connected:
+                    raise
+                await self.helo()  # what sendmail does with a server that refuses EHLO
+        plain = PLAIN_ADDRESS.fullmatch
+        if (
+            self.use_pipelining
+            and self.supports_extension("pipelining")
+            and plain(sender)
+            and plain(recipient)
+        ):
+            reader = self._reader
+            if reader is None or reader.transport is not self.transport:
+                reader = self._take_over()
+            return reader
+        if not self._hand_back():
+            self.close()
+            raise aiosmtplib.SMTPServerDisconnected("Connection closed")
+        return None
 
     async def _reset(self, reader: ReplyReader, replies: list[Reply]) -> bool:
         """RSET after a refused envelope, as aiosmtplib does. False: close the line instead
