@@ -442,7 +442,18 @@ async def figure_throughput(run: Run, sink: Sink) -> None:
         run.command(f"{env_text(settings)} mailer worker")
         n = sizes.p1_recipients
         r: dict[str, list[float]] = {
-            k: [] for k in ("one", "two", "source", "peer", "floor", "floor_cpu", "cpu1", "cpu2")
+            k: []
+            for k in (
+                "one",
+                "two",
+                "source",
+                "peer",
+                "peer_cpu",
+                "floor",
+                "floor_cpu",
+                "cpu1",
+                "cpu2",
+            )
         }
         neighbours: list[dict[str, float]] = []
         peer_name = ""
@@ -478,6 +489,7 @@ async def figure_throughput(run: Run, sink: Sink) -> None:
             )
             peer_name = peer["peer"]
             r["peer"].append(peer["rate"])
+            r["peer_cpu"].append(peer["cpu_s"] / sizes.peer_recipients * 1e6)
             run.say(
                 f"P1-P3, P8 repeat {rep + 1}: smtp-source {src:,.0f}/s, floor "
                 f"{floor['rate']:,.0f}/s at {floor['cpu_us']:.0f} µs CPU/msg; mailer 1 worker "
@@ -502,6 +514,7 @@ async def figure_throughput(run: Run, sink: Sink) -> None:
             "mailer_rate_2_workers": spread(r["two"]),
             "smtp_source_rate": spread(r["source"]),
             "peer_rate": spread(r["peer"]),
+            "peer_cpu_us_per_message": spread(r["peer_cpu"]),
             "floor_rate": spread(r["floor"]),
             "floor_cpu_us_per_message": spread(r["floor_cpu"]),
             "cpu_us_per_message": spread(r["cpu1"]),
@@ -521,7 +534,9 @@ async def figure_throughput(run: Run, sink: Sink) -> None:
             ("P2", f"the same blast ÷ {peer_name or 'the peer'} (a new connection and message "
              "per recipient)", fmt_spread(sp["P2"]), sp["P2"]["median"] >= 8,
              [f"{peer_name} {fmt_spread(spread(r['peer']), ' msg/s', 0)} "
-              f"({sizes.peer_recipients:,} recipients, {sizes.smtp_connections} at once)"]),
+              f"({sizes.peer_recipients:,} recipients, {sizes.smtp_connections} at once), "
+              f"{fmt_spread(spread(r['peer_cpu']), us, 0)} of its own CPU per message "
+              f"(mailer's worker: {fmt_spread(spread(r['cpu1']), us, 0)})"]),
             ("P3", "worker CPU per message, end to end ÷ the CPU per message of a bare "
              "pipelined asyncio sender (bench/floor.py) into the same sink",
              fmt_spread(sp["P3"], "×"), sp["P3"]["median"] <= 4,
