@@ -103,13 +103,13 @@ class ReplyReader(asyncio.Protocol):
     def send(self, data: bytes, replies: int) -> asyncio.Future[list[Reply]]:
         if self.error is not None:
             raise self.error
+        self.transport.write(data)  # first: if it raises, nothing waits (replies come later)
         future: asyncio.Future[list[Reply]] = self._loop.create_future()
         if not self._waiting:
             self._progress = self._loop.time()
             if self._timer is None and self._timeout is not None:
                 self._timer = self._loop.call_at(self._progress + self._timeout, self._watch)
         self._waiting.append((replies, [], future))
-        self.transport.write(data)
         return future
 
     def _watch(self) -> None:

@@ -235,6 +235,7 @@ class SmtpServer:
         starttls_context: ssl.SSLContext | None = None,
         require_starttls: bool = False,
         pipelining: bool = True,
+        idle_timeout: float | None = None,
     ) -> None:
         self.recorder = Recorder(pipelining=pipelining)
         kwargs: dict[str, Any] = {
@@ -249,6 +250,8 @@ class SmtpServer:
         if starttls_context is not None:
             kwargs["tls_context"] = starttls_context
             kwargs["require_starttls"] = require_starttls
+        if idle_timeout is not None:  # aiosmtpd closes a connection idle this long
+            kwargs["timeout"] = idle_timeout
         self._controller = _Controller(self.recorder, **kwargs)
         self.port = 0
 

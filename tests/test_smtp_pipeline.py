@@ -71,6 +71,8 @@ FAULTS = [
      ("TransientSendError", 452, "4.3.1 out of storage", None), 1),
     ("5.3.4 after the message", "end", "552 5.3.4 message too big",
      ("PermanentSendError", 552, "5.3.4 message too big", False), 1),
+    ("421 after the message", "end", "421 4.7.0 too busy, closing",
+     ("TransientSendError", 421, "4.7.0 too busy, closing", None), 2),
     ("421 on MAIL", "mail", "421 4.7.0 too busy, closing",
      ("TransientSendError", 421, "4.7.0 too busy, closing", None), 2),
     ("421 on RCPT", "rcpt", "421 4.7.0 too busy, closing",
@@ -140,6 +142,22 @@ async def test_a_send_cancelled_mid_transaction_closes_its_connection(server: Sm
         await pool.close()
     assert [m.rcpt for m in server.messages] == ["good@example.com"]
     assert server.recorder.connections == 2
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "unpipelined"])
+async def test_a_connection_the_server_closed_while_idle_is_reopened(pipelining: bool) -> None:
+    server = SmtpServer(pipelining=pipelining, idle_timeout=0.3).start()
+    pool = make_pool(server)
+    try:
+        await pool.send(SENDER, "one@example.com", MESSAGE)
+        await asyncio.sleep(0.8)  # the server hangs up on the idle connection
+        assert await outcome(pool, "two@example.com") is None
+    finally:
+        await pool.close()
+        server.stop()
+    assert [m.rcpt for m in server.messages] == ["one@example.com", "two@example.com"]
+    assert server.recorder.connections == 2
+    assert pool.stats.pipelined == (2 if pipelining else 0)
 
 
 ODD_MESSAGES = [
