@@ -1,7 +1,15 @@
 """A real SMTP server for tests: aiosmtpd in the test process, recording every message.
 
 It can answer any reply (421/451/550 …) or drop the connection on cue, counts
-connections, and speaks STARTTLS or implicit TLS with a given certificate.
+connections, and speaks STARTTLS or implicit TLS with a given certificate. It
+advertises PIPELINING (RFC 2920; aiosmtpd reads pipelined commands in order but does
+not say so by itself) unless told not to, so both of mailer's SMTP paths can be tested.
+
+Faults: ``plan`` answers at the end of the message (after the final dot), as before;
+``mail_plan``, ``rcpt_plan`` and ``data_plan`` answer the MAIL, RCPT and DATA commands
+themselves. A stage plan may also return STALL (answer nothing for a long while), and
+a 421 from a stage plan closes the connection after the reply, as RFC 5321 says a
+server does.
 
 Each message is stamped with the kernel's receive time of its last bytes
 (``SO_TIMESTAMPNS``), not with the time the server thread got round to it: rate tests
@@ -10,6 +18,7 @@ measure the wire, and a busy test process must not bunch their timestamps up.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import struct
@@ -25,6 +34,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 DROP = "drop"
+STALL = "stall"  # stage plans only: no reply for STALL_S seconds
+STALL_S = 30.0
 # A fault plan sees (recipient, attempt number for that recipient) and returns None to accept,
 # an SMTP reply line such as "451 4.3.0 try later" to refuse, or DROP to cut the line.
 FaultPlan = Callable[[str, int], str | None]
@@ -52,6 +63,14 @@ class Recorder:
     refused: list[tuple[str, str]] = field(default_factory=list)
     connections: int = 0
     plan: FaultPlan | None = None
+    # Stage plans: MAIL sees (sender, how-many-th MAIL command this is, counting all);
+    # RCPT and DATA see (recipient, its attempt at that stage).
+    mail_plan: FaultPlan | None = None
+    rcpt_plan: FaultPlan | None = None
+    data_plan: FaultPlan | None = None
+    stage_attempts: dict[tuple[str, str], int] = field(default_factory=dict)
+    mails: int = 0
+    pipelining: bool = True
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def to(self, rcpt: str) -> list[Received]:
@@ -70,12 +89,81 @@ class Recorder:
             self.messages.clear()
             self.attempts.clear()
             self.refused.clear()
+            self.stage_attempts.clear()
+            self.mails = 0
             self.connections = 0
+
+    def stage_fault(self, stage: str, plan: FaultPlan | None, key: str) -> str | None:
+        """The plan's verdict for this stage, counting attempts; refusals are recorded."""
+        if plan is None:
+            return None
+        with self.lock:
+            attempt = self.stage_attempts.get((stage, key), 0) + 1
+            self.stage_attempts[(stage, key)] = attempt
+        verdict = plan(key, attempt)
+        if verdict is not None:
+            with self.lock:
+                self.refused.append((key, verdict))
+        return verdict
+
+
+async def _stage_reply(server: SMTP, verdict: str) -> str:
+    """Carry out a stage plan's verdict; the returned line is what aiosmtpd answers."""
+    if verdict == STALL:
+        await asyncio.sleep(STALL_S)
+        return "451 4.4.2 stalled"
+    transport = server.transport
+    if verdict == DROP:
+        if transport is not None:
+            transport.abort()
+        return "421 4.4.2 connection dropped"
+    if verdict.startswith("421") and transport is not None:
+        asyncio.get_running_loop().call_soon(transport.close)  # after the reply is written
+    return verdict
 
 
 class _Handler:
     def __init__(self, recorder: Recorder) -> None:
         self.rec = recorder
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.rec.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        rec = self.rec
+        with rec.lock:
+            rec.mails += 1
+            n = rec.mails
+        verdict = rec.mail_plan(address, n) if rec.mail_plan else None
+        if verdict is not None:
+            with rec.lock:
+                rec.refused.append((address, verdict))
+            return await _stage_reply(server, verdict)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        verdict = self.rec.stage_fault("RCPT", self.rec.rcpt_plan, address)
+        if verdict is not None:
+            return await _stage_reply(server, verdict)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         rec = self.rec
@@ -164,6 +252,15 @@ class _CountingSMTP(SMTP):
             self.recorder.connections += 1
         super().connection_made(transport)
 
+    async def smtp_DATA(self, arg: str) -> None:
+        rec = self.recorder
+        if rec.data_plan is not None and self.envelope is not None and self.envelope.rcpt_tos:
+            verdict = rec.stage_fault("DATA", rec.data_plan, self.envelope.rcpt_tos[0])
+            if verdict is not None:
+                await self.push(await _stage_reply(self, verdict))
+                return
+        await super().smtp_DATA(arg)
+
 
 class _Controller(Controller):
     def __init__(self, recorder: Recorder, **kwargs: Any) -> None:
@@ -201,8 +298,10 @@ class SmtpServer:
         tls_context: ssl.SSLContext | None = None,
         starttls_context: ssl.SSLContext | None = None,
         require_starttls: bool = False,
+        pipelining: bool = True,
+        idle_timeout: float | None = None,
     ) -> None:
-        self.recorder = Recorder()
+        self.recorder = Recorder(pipelining=pipelining)
         kwargs: dict[str, Any] = {
             "hostname": "127.0.0.1",
             "port": 0,  # chosen by the kernel when the server starts
@@ -215,6 +314,8 @@ class SmtpServer:
         if starttls_context is not None:
             kwargs["tls_context"] = starttls_context
             kwargs["require_starttls"] = require_starttls
+        if idle_timeout is not None:  # aiosmtpd closes a connection idle this long
+            kwargs["timeout"] = idle_timeout
         self._controller = _Controller(self.recorder, **kwargs)
         self.port = 0
 

@@ -38,6 +38,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     1: ("models", "runtime", "stats", "heartbeat", "queue", "dkim"),
     2: (
         "smtp",
+        "smtp_pipeline",
         "throttle",
         "statements",
         "render",
