@@ -286,14 +286,14 @@ async def wait_status(
 
 async def reconcile_once(settings: Settings) -> None:
     """Run the reconciler once, here and now, as its cron job would."""
-    from mailer import blasts
+    from mailer import reconcile
+    from mailer.queue import Queue
     from mailer.runtime import Runtime
-    from mailer.worker import Queue
 
     runtime = Runtime.create(settings)
     queue = await Queue.connect(settings)
     try:
-        await blasts.reconcile(runtime, queue)
+        await reconcile.reconcile(runtime, queue)
     finally:
         await queue.close()
         await runtime.close()
@@ -357,3 +357,58 @@ def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
         for s in family.samples:
             out.setdefault(s.name, []).append((dict(s.labels), float(s.value)))
     return out
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def csrf_of(html: str) -> str:
+    match = CSRF.search(html)
+    assert match, "no CSRF field in the page"
+    return match.group(1)
+
+
+async def login(client: httpx.AsyncClient, token: str) -> httpx.Response:
+    r = await client.post("/admin/login", data={"token": token})
+    assert r.status_code == 303 and r.headers["location"] == "/admin/statements", r.text
+    return r
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode() if proc.stdout else ""
+            raise AssertionError(f"mailer dev exited early ({proc.returncode}):\n{out}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("mailer dev did not become ready")
+
+
+def mailer(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [MAILER, *args],
+        env=settings_env(settings) | env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')

@@ -24,6 +24,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from mailer.config import Settings
+
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -144,3 +146,8 @@ async def poll(client: httpx.AsyncClient, token: str) -> list[dict[str, Any]]:
     r = await client.post("/api/feeds/poll", headers=auth(token))
     assert r.status_code == 200, r.text
     return list(r.json()["feeds"])
+
+
+def no_feeds(settings: Settings) -> Settings:
+    """The worker's settings for tests that poll through the API: no cron poll racing it."""
+    return settings.model_copy(update={"feed_urls": []})

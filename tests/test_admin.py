@@ -17,8 +17,12 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from helpers import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    csrf_of,
     editor_token,
     find_link,
+    login,
     queue_settled,
     reconcile_once,
     seed_subscribers,
@@ -35,30 +39,6 @@ from mailer.config import Settings
 from mailer.tokens import Tokens
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
-
-
-def csrf_of(html: str) -> str:
-    match = CSRF.search(html)
-    assert match, "no CSRF field in the page"
-    return match.group(1)
-
-
-async def login(client: httpx.AsyncClient, token: str) -> httpx.Response:
-    r = await client.post("/admin/login", data={"token": token})
-    assert r.status_code == 303 and r.headers["location"] == "/admin/statements", r.text
-    return r
 
 
 def session_cookie_header(r: httpx.Response) -> str:

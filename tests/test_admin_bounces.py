@@ -15,10 +15,17 @@ from typing import Any
 import httpx
 import pytest
 from bounce_reports import arf, exim_dsn, exim_prose, out_of_office, postfix_dsn, tamper
-from helpers import editor_token, seed_subscribers, subscriber_ids
+from helpers import (
+    auth,
+    blast,
+    editor_token,
+    login,
+    publish,
+    seed_subscribers,
+    subscriber_ids,
+    wait_status,
+)
 from smtpserver import SmtpServer
-from test_admin import login
-from test_blasts import auth, blast, publish, wait_status
 
 from mailer.bounces import ingest
 from mailer.config import Settings

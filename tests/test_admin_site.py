@@ -18,16 +18,23 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import wait_until
-from helpers import editor_token, seed_subscribers, sql
+from helpers import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    auth,
+    csrf_of,
+    editor_token,
+    login,
+    publish,
+    seed_subscribers,
+    sql,
+    wait_until,
+)
 from playwright.async_api import async_playwright, expect
-from siteserver import SiteServer
+from siteserver import STATEMENT_PAGE, SiteServer, entry, no_feeds, rss
 from smtpserver import SmtpServer
 from starlette.requests import Request
 from starlette.responses import Response
-from test_admin import CHROMIUM, CHROMIUM_ARGS, csrf_of, login
-from test_blasts import auth, publish
-from test_feeds import STATEMENT_PAGE, entry, no_feeds, rss
 
 from mailer.config import FeedMode, Settings
 from mailer.runtime import Runtime

@@ -9,22 +9,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import settings_env, sql
+from helpers import mailer, sql
 from smtpserver import SmtpServer
 
 from mailer.config import Settings
 
 MAILER = str(Path(sys.executable).parent / "mailer")
-
-
-def mailer(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [MAILER, *args],
-        env=settings_env(settings) | env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 async def mailers(

@@ -26,14 +26,12 @@ from pathlib import Path
 
 import httpx
 import redis.asyncio as aioredis
-from helpers import sql
+from helpers import CHROMIUM, CHROMIUM_ARGS, _wait_ready, sql
 from playwright.async_api import async_playwright, expect
 from redis import ConnectionError as RedisDown
 from redis import Redis as SyncRedis
 from smtpserver import free_port
 from sqlalchemy import update
-from test_admin import CHROMIUM, CHROMIUM_ARGS
-from test_dev_command import _wait_ready
 
 from mailer import dev_login
 from mailer.config import Env, Settings

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from helpers import editor_token, seed_subscribers, sql, text_body, wait_until
-from siteserver import STATEMENT_PAGE, SiteServer, entry, poll, rss
+from siteserver import STATEMENT_PAGE, SiteServer, entry, no_feeds, poll, rss
 from smtpserver import SmtpServer
 
 from mailer.config import FeedMode, Settings
@@ -43,11 +43,6 @@ def feed_mode() -> str:
 @pytest.fixture
 def settings_overrides(site: SiteServer, feed_mode: str) -> dict[str, Any]:
     return {"feed_urls": [site.url("/feed.xml")], "feed_mode": FeedMode(feed_mode)}
-
-
-def no_feeds(settings: Settings) -> Settings:
-    """The worker's settings for tests that poll through the API: no cron poll racing it."""
-    return settings.model_copy(update={"feed_urls": []})
 
 
 def html_part(message: Any) -> str:

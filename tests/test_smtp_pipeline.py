@@ -20,9 +20,8 @@ import httpx
 import pytest
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
-from helpers import editor_token, seed_subscribers, subscriber
+from helpers import blast, editor_token, publish, seed_subscribers, subscriber, wait_status
 from smtpserver import DROP, STALL, SmtpServer
-from test_blasts import blast, publish, wait_status
 
 from mailer.config import Settings, load_settings
 from mailer.smtp import SendError, SmtpPool
@@ -42,7 +41,11 @@ def server(request: pytest.FixtureRequest) -> Iterator[SmtpServer]:
 
 def make_pool(server: SmtpServer, **overrides: Any) -> SmtpPool:
     settings = load_settings(
-        env="dev", smtp_host="127.0.0.1", smtp_port=server.port, smtp_timeout_s=5
+        env="dev",
+        secret_key="pipeline-test-secret-key-0123456789abcdef",
+        smtp_host="127.0.0.1",
+        smtp_port=server.port,
+        smtp_timeout_s=5,
     ).model_copy(update=overrides)
     return SmtpPool(settings, size=1)
 
