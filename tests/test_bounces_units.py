@@ -202,9 +202,6 @@ def test_the_listener_takes_only_bounce_and_complaint_addresses() -> None:
         ("verp_domain", "bounces@example.org"),
     ],
 )
-VALID = {"env": "dev", "secret_key": "bounce-test-secret-key-0123456789abcdef"}
-
-
 def test_a_wrong_threshold_stops_start_up_naming_the_variable(setting: str, value: object) -> None:
     with pytest.raises(SettingsError) as caught:
         load_settings(**VALID, **{setting: value})
@@ -213,4 +210,10 @@ def test_a_wrong_threshold_stops_start_up_naming_the_variable(setting: str, valu
 
 
 def test_the_verp_domain_is_kept_in_lower_case() -> None:
-    assert load_settings(**VALID, verp_domain="Bounce.Example.ORG.").verp_domain == "bounce.example.org"
+    assert (
+        load_settings(**VALID, verp_domain="Bounce.Example.ORG.").verp_domain
+        == "bounce.example.org"
+    )
+
+
+VALID = {"env": "dev", "secret_key": "bounce-test-secret-key-0123456789abcdef"}
