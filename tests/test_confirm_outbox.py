@@ -166,8 +166,10 @@ async def test_an_import_without_confirmed_survives_a_flushed_redis(
     assert smtp.recorder.counts() == {email: 1 for email in people}
 
 
-async def test_migration_owes_the_mails_the_old_code_claimed_but_never_sent(db_url: str) -> None:
-    engine = make_engine(db_url)
+async def test_migration_owes_the_mails_the_old_code_claimed_but_never_sent(
+    empty_db_url: str,
+) -> None:
+    engine = make_engine(empty_db_url)
     try:
         await upgrade(engine, "0005")
         now = utcnow()
