@@ -153,8 +153,9 @@ async def test_the_page_signed_up_on_is_kept_with_the_consent(
     source = (signup.detail or "").removeprefix("source: ")
     assert source.startswith("line Injected: yes x") and len(source) == 200
     assert not re.search(r"[\x00-\x1f\u2028]", source)
+    # A JSON source that is not text at all breaks the documented schema: a clear 422.
     r = await app_client.post("/subscribe", json={"email": "i@example.com", "source": 42})
-    assert r.status_code == 202  # not text: ignored
+    assert r.status_code == 422 and r.json()["field"] == "source"
 
 
 async def test_a_source_or_redirect_that_is_not_text_is_refused_and_writes_nothing(
