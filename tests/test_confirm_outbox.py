@@ -20,6 +20,7 @@ from burst import reconcile_once, run_burst
 from conftest import clean_redis, wait_until
 from helpers import events, sql, subscriber
 from smtpserver import SmtpServer
+from sqlalchemy import insert
 
 from mailer.config import Settings
 from mailer.db import make_engine, make_sessionmaker, utcnow
@@ -182,7 +183,7 @@ async def test_migration_owes_the_mails_the_old_code_claimed_but_never_sent(db_u
             for email, (status, claimed, sent) in rows.items():
                 sid = (
                     await conn.execute(
-                        Subscriber.__table__.insert()
+                        insert(Subscriber)
                         .values(
                             email=email, status=status, created_at=now, updated_at=now,
                             confirm_sent_at=claimed,
@@ -192,7 +193,7 @@ async def test_migration_owes_the_mails_the_old_code_claimed_but_never_sent(db_u
                 ).scalar_one()  # fmt: skip
                 if sent is not None:
                     await conn.execute(
-                        SubscriberEvent.__table__.insert().values(
+                        insert(SubscriberEvent).values(
                             subscriber_id=sid, kind="confirmation_sent", at=sent
                         )
                     )
