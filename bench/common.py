@@ -409,6 +409,11 @@ async def create_statement(url: str, title: str = "A statement about the campaig
 
 def sample_message_size(settings: dict[str, Any]) -> int:
     """Bytes on the wire of one blast message, so the reference sends the same size."""
+    return len(sample_message(settings))
+
+
+def sample_message(settings: dict[str, Any]) -> bytes:
+    """One blast message as the worker builds it (the bench statement, one recipient)."""
     from mailer.config import load_settings
     from mailer.render import Renderer, StatementContent, make_message_id
     from mailer.runtime import Runtime
@@ -419,12 +424,11 @@ def sample_message_size(settings: dict[str, Any]) -> int:
     content = StatementContent("A statement about the campaign", html, text, "The team", None)
     compiled = Renderer(s).compile_statement(content, blast_id=1)
     runtime = Runtime.create(s)
-    data = compiled.build(
+    return compiled.build(
         to="r123456@example.com",
         unsubscribe_url=runtime.unsubscribe_url(123456),
         message_id=make_message_id(s, 1, 123456),
     )
-    return len(data)
 
 
 # Redis ---------------------------------------------------------------------------

@@ -35,7 +35,10 @@ FAMILIES: list[tuple[str, tuple[str, ...]]] = [
     ("mailer: render", ("mailer/render.py",)),
     ("mailer: tokens", ("mailer/tokens.py", "itsdangerous/", "hmac.py", "hashlib")),
     ("mailer: delivery", ("mailer/delivery/",)),
-    ("mailer: smtp pool", ("mailer/smtp.py",)),
+    (
+        "mailer: SMTP (pool, pipelining; the write() syscall shows here)",
+        ("mailer/smtp.py", "mailer/smtp_pipeline.py"),
+    ),
     ("mailer: other", ("mailer/",)),
     ("asyncio / uvloop event loop", ("asyncio/", "uvloop/")),
 ]

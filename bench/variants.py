@@ -1,5 +1,5 @@
 """Run ``mailer`` with experimental changes patched in, to measure proposals before anyone
-edits mailer/ (``python bench/harness.py --explore base,pipelining …``).
+edits mailer/ (``python bench/harness.py --explore base,nopipelining …``).
 
     python bench/variants.py VARIANT[+VARIANT…] worker|serve [ARGS…]
 
@@ -8,8 +8,8 @@ form "how much would this change buy?" and is reported beside the plain code in 
 run. Variants that no longer apply to the current code say so and exit 3.
 
 - ``base``: mailer as it is.
-- ``pipelining``: SmtpPool.send on a minimal SMTP client that writes MAIL, RCPT and DATA
-  in one go (RFC 2920 PIPELINING), then the message, and checks the replies.
+- ``nopipelining``: SMTP one command at a time, as before mailer pipelined (RFC 2920);
+  the ``pipelining`` variant that measured the proposal is now mailer's own code.
 - ``nopreping``: SQLAlchemy engines without ``pool_pre_ping`` (one round trip less per
   session checkout; mailer has done without it since 22cd062).
 - ``bigpool``: engine pool_size 40 (a web process with more concurrent requests than
@@ -28,7 +28,6 @@ run. Variants that no longer apply to the current code say so and exit 3.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -52,108 +51,20 @@ def _base() -> None:
 # pipelining ----------------------------------------------------------------------
 
 
-class PipelinedClient:
-    """Just enough SMTP for a benchmark: EHLO, then MAIL+RCPT+DATA in one write."""
-
-    def __init__(self, host: str, port: int, timeout: float) -> None:
-        self.host, self.port, self.timeout = host, port, timeout
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    @property
-    def is_connected(self) -> bool:
-        return self.writer is not None and not self.writer.is_closing()
-
-    async def _reply(self) -> tuple[int, str]:
-        assert self.reader is not None
-        lines = []
-        while True:
-            line = await self.reader.readline()
-            if not line:
-                raise ConnectionError("server closed the connection")
-            lines.append(line[4:].decode(errors="replace").strip())
-            if line[3:4] != b"-":
-                return int(line[:3]), "\n".join(lines)
-
-    async def connect(self) -> None:
-        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        await self._reply()
-        self.writer.write(b"EHLO mailer-bench\r\n")
-        code, text = await self._reply()
-        if code != 250 or "PIPELINING" not in text.upper():
-            raise ConnectionError("server does not offer PIPELINING")
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.writer = None
-
-    async def send(self, sender: str, recipient: str, data: bytes) -> None:
-        from mailer.smtp import error_for
-
-        assert self.writer is not None
-        if data.startswith(b".") or b"\n." in data:
-            data = data.replace(b"\r\n.", b"\r\n..")
-            if data.startswith(b"."):
-                data = b"." + data
-        if not data.endswith(b"\r\n"):
-            data += b"\r\n"
-        self.writer.write(
-            b"MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n" % (sender.encode(), recipient.encode())
-        )
-        replies = [await self._reply() for _ in range(3)]
-        (mail, mail_text), (rcpt, rcpt_text), (go, go_text) = replies
-        if go == 354:
-            if mail >= 400 or rcpt >= 400:
-                self.writer.write(b".\r\n")  # an empty message the server will refuse anyway
-                await self._reply()
-            else:
-                self.writer.write(data + b".\r\n")
-                done, done_text = await self._reply()
-                if done >= 400:
-                    raise error_for(done, done_text, recipient)
-                return
-        for code, text in replies:
-            if code >= 400:
-                self.writer.write(b"RSET\r\n")
-                await self._reply()
-                raise error_for(code, text, recipient)
-
-
-@patch("pipelining")
-def _pipelining() -> None:
+@patch("nopipelining")
+def _nopipelining() -> None:
+    """mailer's SMTP connections without RFC 2920 pipelining (aiosmtplib's sendmail, one
+    command and reply at a time): what pipelining (in mailer since a1ca5d8) buys."""
     from mailer import smtp
 
-    def _new_client(self: Any) -> PipelinedClient:
-        s = self._settings
-        return PipelinedClient(s.smtp_host, s.smtp_port, s.smtp_timeout_s)
+    original = smtp.SmtpPool._new_client
 
-    async def send(self: Any, sender: str, recipient: str, data: bytes) -> None:
-        if self._dkim is not None:
-            data = self._dkim.sign(data)
-        client = await self._idle.get()
-        try:
-            if not client.is_connected:
-                await client.connect()
-                self.stats.connections_opened += 1
-            self.stats.transactions += 1
-            timeout = self._settings.smtp_timeout_s
-            await asyncio.wait_for(client.send(sender, recipient, data), timeout)
-        except smtp.SendError:
-            raise
-        except (ConnectionError, TimeoutError, OSError) as exc:
-            client.close()
-            raise smtp.TransientSendError(None, f"connection lost: {exc}", recipient) from exc
-        finally:
-            self._idle.put_nowait(client)
-
-    async def close(self: Any) -> None:
-        while not self._idle.empty():
-            self._idle.get_nowait().close()
+    def _new_client(self: Any) -> Any:
+        client = original(self)
+        client.use_pipelining = False
+        return client
 
     smtp.SmtpPool._new_client = _new_client
-    smtp.SmtpPool.send = send
-    smtp.SmtpPool.close = close
 
 
 # SQL pool ---------------------------------------------------------------------------

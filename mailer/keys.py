@@ -107,6 +107,10 @@ class Keys:
         """A provider's one-time webhook token, kept (with a TTL) once used: a replay is refused."""
         return f"{self.queue}:webhooks:{provider}:token:{token}"
 
+    def dev_login(self, token_digest: str) -> str:
+        """A one-time admin login link of ``mailer dev`` (the SHA-256 of its token), with a TTL."""
+        return f"{self.queue}:dev:login:{token_digest}"
+
     @property
     def feed_poll_lock(self) -> str:
         """Held while the site's feeds are polled, so two polls never overlap."""

@@ -3,7 +3,9 @@
 aiosmtplib runs one transaction at a time per connection, so parallel sending
 needs several connections, not several tasks on one. A client closes itself on
 a drop, a timeout or a 421; the pool notices (``is_connected``) and reconnects
-on the next use instead of failing the next message too.
+on the next use instead of failing the next message too. When the relay offers
+PIPELINING, a transaction is two writes instead of four round trips
+(mailer/smtp_pipeline.py, docs/smtp.md); every reply is classified here either way.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import aiosmtplib
 from mailer.config import Settings, SmtpSecurity
 from mailer.dkim import DkimSigner
 from mailer.errors import MailerError
+from mailer.smtp_pipeline import PipeliningSMTP
 
 # Errors ---------------------------------------------------------------------
 
@@ -116,6 +119,7 @@ def error_for(code: int | None, message: str, recipient: str | None = None) -> S
 class PoolStats:
     connections_opened: int = 0
     transactions: int = 0
+    pipelined: int = 0
 
 
 class SmtpPool:
@@ -125,7 +129,7 @@ class SmtpPool:
         self._settings = settings
         self.size = size or settings.smtp_connections
         self._dkim = DkimSigner.from_settings(settings)
-        self._idle: asyncio.LifoQueue[aiosmtplib.SMTP] = asyncio.LifoQueue()
+        self._idle: asyncio.LifoQueue[PipeliningSMTP] = asyncio.LifoQueue()
         for _ in range(self.size):
             self._idle.put_nowait(self._new_client())
         self.stats = PoolStats()
@@ -134,10 +138,10 @@ class SmtpPool:
         ca = self._settings.smtp_ca_file
         return ssl.create_default_context(cafile=str(ca) if ca else None)
 
-    def _new_client(self) -> aiosmtplib.SMTP:
+    def _new_client(self) -> PipeliningSMTP:
         s = self._settings
         security = s.smtp_security
-        return aiosmtplib.SMTP(
+        return PipeliningSMTP(
             hostname=s.smtp_host,
             port=s.smtp_port,
             timeout=s.smtp_timeout_s,
@@ -173,7 +177,8 @@ class SmtpPool:
         try:
             await self._ensure_connected(client)
             self.stats.transactions += 1
-            await client.sendmail(sender, [recipient], data)
+            if await client.send_one(sender, recipient, data):  # pipelined if offered
+                self.stats.pipelined += 1
         except aiosmtplib.SMTPRecipientsRefused as exc:
             refused = exc.recipients[0]
             raise error_for(refused.code, refused.message, recipient) from exc
@@ -187,6 +192,9 @@ class SmtpPool:
         except (ConnectionError, TimeoutError, OSError) as exc:
             client.close()
             raise TransientSendError(None, f"connection lost: {exc}", recipient) from exc
+        except asyncio.CancelledError:
+            client.close()  # cancelled mid-transaction: what the server saw is unknown
+            raise
         finally:
             self._idle.put_nowait(client)
 

@@ -96,9 +96,12 @@ def normalize_name(raw: object) -> str | None:
 
 def clean_source(raw: object) -> str | None:
     """The form's ``source`` (the page signed up on): one line, at most 200 characters.
-    A hidden field the visitor cannot fix, so it is cut rather than refused."""
-    if not isinstance(raw, str):
+    A hidden field the visitor cannot fix, so it is cut rather than refused; only a JSON
+    value that is not text at all is refused."""
+    if raw is None:
         return None
+    if not isinstance(raw, str):
+        raise InvalidInput("source", "must be a string")
     text = " ".join("".join(" " if has_control(ch) else ch for ch in raw).split())
     return text[:MAX_SOURCE_LENGTH] or None
 

@@ -176,10 +176,12 @@ def worker_settings(settings: Settings, **overrides: Any) -> dict[str, Any]:
     """Keyword arguments for ``arq.Worker``; the top-level worker.py wraps them in a class."""
     every = settings.reconcile_interval_s
     reconciler = counted(CRON.name, CRON.timeout_s, CRON.run)
+    # A unique cron job's id is "<name>:<time>" and arq's job ids are global to a Redis, so
+    # the name carries the queue: else one queue's reconciler takes another's turn.
     crons = [
         cron(
             reconciler,
-            name=CRON.name,
+            name=f"{settings.queue_name}:{CRON.name}",
             second=set(range(0, 60, every)),
             unique=True,
             timeout=CRON.timeout_s,
@@ -191,7 +193,15 @@ def worker_settings(settings: Settings, **overrides: Any) -> dict[str, Any]:
         limit = int(settings.feed_timeout_s * 2 + 60)
         feeds_job = counted(POLL_FEEDS, limit, poll_feeds)
         at, _ = cron_schedule(settings.feed_poll_s)
-        crons.append(cron(feeds_job, name=POLL_FEEDS, second=at, unique=True, timeout=limit))
+        crons.append(
+            cron(
+                feeds_job,
+                name=f"{settings.queue_name}:{POLL_FEEDS}",
+                second=at,
+                unique=True,
+                timeout=limit,
+            )
+        )
     values: dict[str, Any] = {
         "functions": [_function(task) for task in TASKS],
         "cron_jobs": crons,

@@ -2,16 +2,18 @@
 
 Each test gets its own database (a fresh SQLite file or a fresh PostgreSQL
 database) and its own queue name, which prefixes every Redis key it touches.
-Services that are missing make the test fail, never skip.
+Services that are missing make the test fail, never skip. The ``isolation`` plugin
+makes sure no test ever sees another test's fixtures (see docs/testing.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import sys
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +23,32 @@ import pytest
 import redis.asyncio as aioredis
 import uvicorn
 from arq.worker import Worker
+from helpers import clean_redis
+from smtpserver import SmtpServer, free_port
 
-sys.path.insert(0, str(Path(__file__).parent))
+from mailer.config import Settings, load_settings
+from mailer.db import make_engine
+from mailer.migrate import upgrade
+from mailer.web.app import create_app
+from mailer.worker import worker_settings
 
-from smtpserver import SmtpServer, free_port  # noqa: E402
+pytest_plugins = ["isolation", "pytester"]
 
-from mailer.config import Settings, load_settings  # noqa: E402
-from mailer.db import make_engine  # noqa: E402
-from mailer.migrate import upgrade  # noqa: E402
-from mailer.web.app import create_app  # noqa: E402
-from mailer.worker import worker_settings  # noqa: E402
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slowest tests first (``@pytest.mark.slow(seconds)``), the rest in file order.
+
+    Under xdist (``--dist load --maxschedchunk 1``) each worker takes the next test as it
+    frees up, so the long tests start at once and the short ones fill the gaps: the run
+    ends when the work does, not when the last long test, started late, ends.
+    """
+
+    def seconds(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("slow")
+        return float(mark.args[0]) if mark and mark.args else 0.0
+
+    items.sort(key=lambda item: -seconds(item))
+
 
 REDIS_URL = os.environ.get("MAILER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_DSN = os.environ.get("MAILER_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -41,25 +59,70 @@ def pg_url(database: str) -> str:
     return f"{base}/{database}"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'mailer.db'}"
-        return
-    name = f"mailer_test_{uuid.uuid4().hex[:12]}"
+@dataclass(frozen=True)
+class Templates:
+    sqlite: Path  # a migrated SQLite file
+    postgres: str  # the name of a migrated PostgreSQL database
+
+
+# Database URLs that come migrated (copies of the templates): `settings` skips the upgrade.
+MIGRATED: set[str] = set()
+
+
+async def _pg_admin(statement: str) -> None:
     admin = await asyncpg.connect(PG_DSN)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+        await admin.execute(statement)
     finally:
         await admin.close()
+
+
+@pytest.fixture(scope="session")
+def templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Templates]:
+    """Both databases migrated once per session (per xdist worker); tests get copies.
+
+    A copy costs a file copy (SQLite) or ``CREATE DATABASE … TEMPLATE`` (PostgreSQL)
+    instead of running every migration again for each of some 300 tests. The migrations
+    themselves still run on both databases here, and `mailer migrate` is tested on its own.
+    """
+    sqlite = tmp_path_factory.mktemp("template") / "mailer.db"
+    name = f"mailer_template_{uuid.uuid4().hex[:12]}"
+
+    async def build() -> None:
+        await _pg_admin(f'CREATE DATABASE "{name}"')
+        for url in (f"sqlite+aiosqlite:///{sqlite}", pg_url(name)):
+            engine = make_engine(url)
+            try:
+                await upgrade(engine)
+            finally:
+                await engine.dispose()
+
+    asyncio.run(build())
+    assert not sqlite.with_name("mailer.db-wal").exists(), "copy the WAL too"
+    yield Templates(sqlite, name)
+    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def db_url(
+    request: pytest.FixtureRequest, tmp_path: Path, templates: Templates
+) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test alone."""
+    if request.param == "sqlite":
+        path = tmp_path / "mailer.db"
+        shutil.copyfile(templates.sqlite, path)
+        url = f"sqlite+aiosqlite:///{path}"
+        MIGRATED.add(url)
+        yield url
+        return
+    name = f"mailer_test_{uuid.uuid4().hex[:12]}"
+    await _pg_admin(f'CREATE DATABASE "{name}" TEMPLATE "{templates.postgres}"')
+    url = pg_url(name)
+    MIGRATED.add(url)
     try:
-        yield pg_url(name)
+        yield url
     finally:
-        admin = await asyncpg.connect(PG_DSN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
@@ -121,18 +184,12 @@ async def settings(
             for k, v in settings_overrides.items()
         }
     )
-    engine = make_engine(db_url)
-    await upgrade(engine)
-    await engine.dispose()
+    if db_url not in MIGRATED:  # a test's own db_url fixture
+        engine = make_engine(db_url)
+        await upgrade(engine)
+        await engine.dispose()
     yield s
     await clean_redis(redis, queue)
-
-
-async def clean_redis(redis: aioredis.Redis, queue: str) -> None:
-    for pattern in (f"{queue}*", f"arq:*:{queue}:*"):
-        keys = [k async for k in redis.scan_iter(match=pattern, count=1000)]
-        if keys:
-            await redis.delete(*keys)
 
 
 @pytest.fixture(scope="session")
@@ -183,42 +240,56 @@ async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
             yield client
 
 
-WorkerFactory = Callable[..., Worker]
+class InProcessWorker(Worker):
+    """arq's Worker, with a ``close()`` that ends its running jobs and cannot trip over them.
+
+    arq's own ``close()`` cancels the running jobs and then gathers them without
+    ``return_exceptions``, so a job still running (its Redis pipeline cancelled) raises
+    ``CancelledError`` out of it, and the pool and ``on_shutdown`` are never closed.
+    Here the jobs and the main loop are cancelled and awaited first, the cancellation
+    they answer with is expected and absorbed, and only then does arq close the rest.
+    Anything else a job task or the main loop ended with is a real error and is raised
+    (as an ``Exception``) once everything is closed.
+    """
+
+    async def close(self) -> None:
+        self.allow_pick_jobs = False
+        tasks = [t for t in self.tasks.values() if not t.done()]
+        if self.main_task is not None:
+            tasks.append(self.main_task)
+        for task in tasks:
+            task.cancel()
+        ended = await asyncio.gather(*tasks, return_exceptions=True)
+        self.tasks.clear()  # all done: arq's close() has nothing left to gather
+        await super().close()
+        errors = [
+            e
+            for e in ended
+            if isinstance(e, BaseException) and not isinstance(e, asyncio.CancelledError)
+        ]
+        if errors:
+            raise RuntimeError(f"the test worker ended with {errors!r}") from errors[0]
 
 
 @pytest.fixture
 async def start_worker(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
     """Start in-process arq workers; all are closed at the end of the test."""
-    workers: list[tuple[Worker, asyncio.Task[None]]] = []
+    workers: list[tuple[InProcessWorker, asyncio.Task[None]]] = []
 
-    async def _start(**overrides: Any) -> Worker:
+    async def _start(**overrides: Any) -> InProcessWorker:
         s = overrides.pop("settings", settings)
-        worker = Worker(**worker_settings(s, handle_signals=False, **overrides))
+        worker = InProcessWorker(**worker_settings(s, handle_signals=False, **overrides))
         task = asyncio.create_task(worker.async_run())
         workers.append((worker, task))
         return worker
 
     yield _start
+    errors: list[BaseException] = []
     for worker, task in workers:
-        task.cancel()
-        await worker.close()
         try:
-            await task
-        except (asyncio.CancelledError, Exception):  # noqa: BLE001
-            pass
-
-
-async def wait_until(
-    predicate: Callable[[], Any], timeout: float = 20.0, step: float = 0.05
-) -> Any:
-    """Poll an (async) predicate until it returns something truthy."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(step)
+            await worker.close()
+        except Exception as exc:  # noqa: BLE001 - close every worker, then report
+            errors.append(exc)
+        await asyncio.gather(task, return_exceptions=True)  # cancelled by close()
+    if errors:
+        raise errors[0]

@@ -1,10 +1,24 @@
-"""Small helpers for reading state back: rows in SQL, links in received mail."""
+"""Helpers shared by the test modules: reading state back (rows in SQL, links in received
+mail), seeding, driving the editor API, worker processes, and waiting for a condition.
+
+Test modules import from here (and from smtpserver), never from each other.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import csv
 import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import httpx
+import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select, text
 
 from mailer.config import Settings
@@ -166,3 +180,235 @@ async def within_one_limiter_window(seconds_needed: float = 20.0) -> None:
     into = time.time() % 60
     if into > 60 - seconds_needed:
         await asyncio.sleep(60 - into + 0.05)
+
+
+async def wait_until(
+    predicate: Callable[[], Any], timeout: float = 20.0, step: float = 0.01, most: float = 0.25
+) -> Any:
+    """Poll an (async) predicate until it returns something truthy.
+
+    For state that only shows from outside (mail arriving at the SMTP server, rows written
+    by a worker process); a stage that can be run directly is better run directly. The
+    pause between polls starts at ``step`` and grows to ``most``: a short wait ends within
+    milliseconds, a long one does not spend the CPU it is waiting for on polling.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(step)
+        step = min(most, step * 1.5)
+
+
+async def queue_settled(settings: Settings, timeout: float = 30.0) -> None:
+    """Wait until every job queued so far, retries included, has run to its end.
+
+    arq keeps a job in its queue until the job ends, and a job that queues more work does
+    so before it ends, so a queue holding nothing but the reconciler's next cron entry (and
+    jobs scheduled more than a minute ahead, such as a blast for next year) has no work in
+    hand: a deterministic stand-in for "wait a while and see that nothing more comes".
+    """
+    from mailer.worker import worker_settings
+
+    cron = tuple(f"{job.name}:".encode() for job in worker_settings(settings)["cron_jobs"])
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+
+        async def settled() -> bool:
+            soon = (time.time() + 60) * 1000
+            jobs = await client.zrangebyscore(settings.queue_name, "-inf", soon)
+            return all(job.startswith(cron) for job in jobs)
+
+        await wait_until(settled, timeout=timeout, step=0.005, most=0.05)
+    finally:
+        await client.aclose()
+
+
+async def clean_redis(redis: aioredis.Redis, queue: str) -> None:
+    """Delete every key of one queue (ours are prefixed by its name, arq's contain it)."""
+    for pattern in (f"{queue}*", f"arq:*:{queue}:*"):
+        keys = [k async for k in redis.scan_iter(match=pattern, count=1000)]
+        if keys:
+            await redis.delete(*keys)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+# The editor API ---------------------------------------------------------------------------
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def publish(client: httpx.AsyncClient, token: str, **fields: Any) -> int:
+    body = {"title": "A statement", "body_markdown": "Hello **everyone**."} | fields
+    r = await client.post("/api/statements", json=body, headers=auth(token))
+    assert r.status_code == 201, r.text
+    return int(r.json()["id"])
+
+
+async def blast(client: httpx.AsyncClient, token: str, statement_id: int, **extra: Any) -> int:
+    r = await client.post(
+        "/api/blasts", json={"statement_id": statement_id} | extra, headers=auth(token)
+    )
+    assert r.status_code == 202, r.text
+    return int(r.json()["id"])
+
+
+async def progress(client: httpx.AsyncClient, token: str, blast_id: int) -> dict[str, Any]:
+    r = await client.get(f"/api/blasts/{blast_id}", headers=auth(token))
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+async def wait_status(
+    client: httpx.AsyncClient, token: str, blast_id: int, status: str, timeout: float = 60
+) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        p = await progress(client, token, blast_id)
+        return p if p["status"] == status else None
+
+    return dict(await wait_until(check, timeout=timeout, step=0.05))
+
+
+async def reconcile_once(settings: Settings) -> None:
+    """Run the reconciler once, here and now, as its cron job would."""
+    from mailer import reconcile
+    from mailer.queue import Queue
+    from mailer.runtime import Runtime
+
+    runtime = Runtime.create(settings)
+    queue = await Queue.connect(settings)
+    try:
+        await reconcile.reconcile(runtime, queue)
+    finally:
+        await queue.close()
+        await runtime.close()
+
+
+async def wait_workers(client: httpx.AsyncClient, token: str, n: int) -> None:
+    """Wait until ``n`` workers report in (a process start-up: slow on a busy machine)."""
+
+    async def alive() -> bool:
+        r = await client.get("/api/queue", headers=auth(token))
+        return r.status_code == 200 and int(r.json()["workers"]) >= n
+
+    await wait_until(alive, timeout=90, step=0.05, most=0.1)
+
+
+# Worker processes -------------------------------------------------------------------------
+
+MAILER = str(Path(sys.executable).parent / "mailer")
+
+
+def start_worker_process(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    """`mailer worker` in its own process, its output appended to ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [MAILER, "worker"], env=settings_env(settings), stdout=out, stderr=out
+        )
+
+
+def value(
+    figures: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str
+) -> float:
+    matches = [v for lab, v in figures.get(name, []) if labels.items() <= lab.items()]
+    assert matches, f"no sample {name}{labels}"
+    return sum(matches)
+
+
+async def scrape(client: httpx.AsyncClient) -> dict[str, list[tuple[dict[str, str], float]]]:
+    r = await client.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain; version=")
+    return samples(r.text)
+
+
+async def rows(settings: Settings) -> list[tuple[Any, ...]]:
+    return await sql(
+        settings,
+        "SELECT kind, subscriber_id, blast_id, evidence, source FROM bounce_events ORDER BY id",
+    )
+
+
+async def status_of(settings: Settings, email: str) -> str:
+    sub = await subscriber(settings, email)
+    assert sub is not None
+    return str(sub.status)
+
+
+def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Every sample of a scrape by sample name; parsing it is itself the format check."""
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, []).append((dict(s.labels), float(s.value)))
+    return out
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def csrf_of(html: str) -> str:
+    match = CSRF.search(html)
+    assert match, "no CSRF field in the page"
+    return match.group(1)
+
+
+async def login(client: httpx.AsyncClient, token: str) -> httpx.Response:
+    r = await client.post("/admin/login", data={"token": token})
+    assert r.status_code == 303 and r.headers["location"] == "/admin/statements", r.text
+    return r
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode() if proc.stdout else ""
+            raise AssertionError(f"mailer dev exited early ({proc.returncode}):\n{out}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("mailer dev did not become ready")
+
+
+def mailer(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [MAILER, *args],
+        env=settings_env(settings) | env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')

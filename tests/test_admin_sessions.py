@@ -10,10 +10,9 @@ import re
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from helpers import editor_token
+from helpers import editor_token, mailer
 from itsdangerous import URLSafeTimedSerializer
 from pydantic import SecretStr
-from test_cli import mailer
 
 from mailer.config import Settings
 from mailer.web.app import create_app

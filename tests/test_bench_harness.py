@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FIGURES = ["P1", "P2", "P3", "P4", "P5", "P6", "P7"]
+FIGURES = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8"]
 
 
 def _numbers(value: object) -> list[float]:
@@ -34,6 +34,7 @@ def _numbers(value: object) -> list[float]:
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.slow(60)
 def test_harness_produces_every_figure_on_tiny_sizes(tmp_path: Path) -> None:
     out = tmp_path / "benchmarks.md"
     chart = tmp_path / "bench-rate.png"

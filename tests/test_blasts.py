@@ -10,55 +10,27 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import wait_until
 from helpers import (
+    auth,
+    blast,
     editor_token,
     find_link,
+    progress,
+    publish,
+    queue_settled,
+    reconcile_once,
     seed_subscribers,
     sql,
     subscriber,
     subscriber_ids,
     table_counts,
     text_body,
+    wait_status,
+    wait_until,
 )
 from smtpserver import SmtpServer
 
 from mailer.config import Settings
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-async def publish(client: httpx.AsyncClient, token: str, **fields: Any) -> int:
-    body = {"title": "A statement", "body_markdown": "Hello **everyone**."} | fields
-    r = await client.post("/api/statements", json=body, headers=auth(token))
-    assert r.status_code == 201, r.text
-    return int(r.json()["id"])
-
-
-async def blast(client: httpx.AsyncClient, token: str, statement_id: int, **extra: Any) -> int:
-    r = await client.post(
-        "/api/blasts", json={"statement_id": statement_id} | extra, headers=auth(token)
-    )
-    assert r.status_code == 202, r.text
-    return int(r.json()["id"])
-
-
-async def progress(client: httpx.AsyncClient, token: str, blast_id: int) -> dict[str, Any]:
-    r = await client.get(f"/api/blasts/{blast_id}", headers=auth(token))
-    assert r.status_code == 200, r.text
-    return dict(r.json())
-
-
-async def wait_status(
-    client: httpx.AsyncClient, token: str, blast_id: int, status: str, timeout: float = 60
-) -> dict[str, Any]:
-    async def check() -> dict[str, Any] | None:
-        p = await progress(client, token, blast_id)
-        return p if p["status"] == status else None
-
-    return dict(await wait_until(check, timeout=timeout, step=0.1))
 
 
 async def test_editor_auth(app_client: httpx.AsyncClient, settings: Settings) -> None:
@@ -185,6 +157,7 @@ async def test_unsubscribe_wins_during_a_slow_blast(
     assert all(n == 1 for n in counts.values())
 
 
+@pytest.mark.slow(15)
 async def test_pause_resume_cancel_and_schedule(
     app_client: httpx.AsyncClient, smtp: SmtpServer, settings: Settings, start_worker: Any
 ) -> None:
@@ -197,11 +170,12 @@ async def test_pause_resume_cancel_and_schedule(
     r = await app_client.post(f"/api/blasts/{bid}/pause", headers=auth(token))
     assert r.status_code == 200 and r.json()["status"] == "paused"
     paused_at = len(smtp.messages)
-    await asyncio.sleep(3)
+    await queue_settled(settings)  # the batch jobs saw the pause and ended
     after = len(smtp.messages)
     # In flight when paused: at most one chunk (rate × 5 s = 200 here, far less in practice).
     assert after - paused_at <= settings.batch_size
-    await asyncio.sleep(1)
+    await reconcile_once(settings)  # the reconciler does not wake a paused blast either
+    await queue_settled(settings)
     assert len(smtp.messages) == after  # stopped for good
     assert (
         await app_client.post(f"/api/blasts/{bid}/pause", headers=auth(token))
@@ -217,7 +191,7 @@ async def test_pause_resume_cancel_and_schedule(
     await wait_until(lambda: len(smtp.messages) >= 10)
     r = await app_client.post(f"/api/blasts/{bid2}/cancel", headers=auth(token))
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
-    await asyncio.sleep(2)
+    await queue_settled(settings)  # what was in flight has been recorded
     p = await progress(app_client, token, bid2)
     assert p["status"] == "cancelled"
     assert p["cancelled"] > 0 and p["pending"] == 0
@@ -227,22 +201,23 @@ async def test_pause_resume_cancel_and_schedule(
         await app_client.post(f"/api/blasts/{bid2}/resume", headers=auth(token))
     ).status_code == 409
 
-    # schedule 3 s ahead: starts then, not before
+    # schedule 2 s ahead: starts then, not before
     smtp.recorder.clear()
     await start_worker()  # a fast worker too
     sid3 = await publish(app_client, token, title="three")
-    at = time.time() + 3
+    at = time.time() + 2
     from datetime import UTC, datetime
 
     bid3 = await blast(app_client, token, sid3, send_at=datetime.fromtimestamp(at, UTC).isoformat())
     assert (await progress(app_client, token, bid3))["status"] == "scheduled"
-    await asyncio.sleep(2)
+    await reconcile_once(settings)  # not due yet: the reconciler leaves it alone
     assert (
         smtp.messages == [] and (await progress(app_client, token, bid3))["status"] == "scheduled"
     )
     await wait_until(lambda: smtp.messages, timeout=20)
     assert min(m.at for m in smtp.messages) >= at
     done = await wait_status(app_client, token, bid3, "done", timeout=60)
+    assert datetime.fromisoformat(done["started_at"]).timestamp() >= at
     assert done["sent"] == 240
 
 

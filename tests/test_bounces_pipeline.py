@@ -15,10 +15,18 @@ import aiosmtplib
 import httpx
 import pytest
 from bounce_reports import arf, exim_dsn, exim_prose, out_of_office, postfix_dsn, tamper
-from conftest import wait_until
-from helpers import editor_token, seed_subscribers, settings_env, sql, subscriber
+from helpers import (
+    blast,
+    editor_token,
+    publish,
+    seed_subscribers,
+    settings_env,
+    sql,
+    subscriber,
+    wait_status,
+    wait_until,
+)
 from smtpserver import SmtpServer, free_port
-from test_blasts import blast, publish, wait_status
 from typer.testing import CliRunner
 
 from mailer.bounces import ingest

@@ -13,18 +13,29 @@ from typing import Any
 import httpx
 import pytest
 from bounce_reports import arf, postfix_dsn
-from helpers import editor_token, seed_subscribers, sql, subscriber, subscriber_ids
+from helpers import (
+    auth,
+    blast,
+    editor_token,
+    progress,
+    publish,
+    scrape,
+    seed_subscribers,
+    sql,
+    subscriber,
+    subscriber_ids,
+    value,
+    wait_status,
+)
 from rich.console import Console
 from smtpserver import SmtpServer
-from test_blasts import auth, blast, progress, publish, wait_status
-from test_metrics import scrape, value
 
-from mailer import status
 from mailer.bounces import BounceEvent, BounceKind, apply_event, ingest
 from mailer.bounces.stats import for_blast
 from mailer.config import Settings
 from mailer.db import utcnow
 from mailer.models import Blast, Delivery
+from mailer.ops import status
 from mailer.queue import Queue
 from mailer.render import make_message_id
 from mailer.runtime import Runtime

@@ -204,10 +204,16 @@ def test_the_listener_takes_only_bounce_and_complaint_addresses() -> None:
 )
 def test_a_wrong_threshold_stops_start_up_naming_the_variable(setting: str, value: object) -> None:
     with pytest.raises(SettingsError) as caught:
-        load_settings(**{setting: value})
+        load_settings(**VALID, **{setting: value})
     assert str(caught.value).startswith(f"configuration error: MAILER_{setting.upper()}:")
     assert "\n" not in str(caught.value)
 
 
 def test_the_verp_domain_is_kept_in_lower_case() -> None:
-    assert load_settings(verp_domain="Bounce.Example.ORG.").verp_domain == "bounce.example.org"
+    assert (
+        load_settings(**VALID, verp_domain="Bounce.Example.ORG.").verp_domain
+        == "bounce.example.org"
+    )
+
+
+VALID = {"env": "dev", "secret_key": "bounce-test-secret-key-0123456789abcdef"}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
-from helpers import settings_env, sql
+import pytest
+from helpers import mailer, sql
 from smtpserver import SmtpServer
 
 from mailer.config import Settings
@@ -15,13 +17,14 @@ from mailer.config import Settings
 MAILER = str(Path(sys.executable).parent / "mailer")
 
 
-def mailer(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [MAILER, *args],
-        env=settings_env(settings) | env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+async def mailers(
+    settings: Settings, *runs: tuple[list[str], dict[str, str]]
+) -> list[subprocess.CompletedProcess[str]]:
+    """Independent invocations side by side (each one is mostly a process start-up)."""
+    return list(
+        await asyncio.gather(
+            *(asyncio.to_thread(mailer, settings, *args, **env) for args, env in runs)
+        )
     )
 
 
@@ -58,6 +61,7 @@ async def test_publish_and_blast_from_a_markdown_file(settings: Settings, tmp_pa
     assert done.returncode == 0 and "Heading title" in done.stdout
 
 
+@pytest.mark.slow(10)
 async def test_publish_errors_name_the_problem_and_write_nothing(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -70,8 +74,8 @@ async def test_publish_errors_name_the_problem_and_write_nothing(
         ([str(empty), "--blast", "--at", "next tuesday"], "--at"),
         ([str(empty), "--blast", "--at", "2099-01-01T09:00:00"], "timezone"),
     ]
-    for args, fragment in cases:
-        done = mailer(settings, "publish", *args)
+    runs = await mailers(settings, *((["publish", *args], {}) for args, _ in cases))
+    for (args, fragment), done in zip(cases, runs, strict=True):
         assert done.returncode != 0, args
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and fragment in lines[0], (args, done.stderr)
@@ -79,29 +83,41 @@ async def test_publish_errors_name_the_problem_and_write_nothing(
 
 
 async def test_bad_settings_stop_start_up_with_one_line(settings: Settings) -> None:
-    done = mailer(settings, "migrate", MAILER_RATE_PER_SECOND="fast")
+    rate, secret, domains, security = await mailers(
+        settings,
+        (["migrate"], {"MAILER_RATE_PER_SECOND": "fast"}),
+        (["migrate"], {"MAILER_ENV": "production", "MAILER_SECRET_KEY": ""}),
+        (["migrate"], {"MAILER_DOMAIN_RATES": "gmail.com:20"}),
+        (["migrate"], {"MAILER_SMTP_SECURITY": "ssl3"}),
+    )
+    done = rate
     assert done.returncode == 2
     assert done.stderr.strip().startswith("configuration error: MAILER_RATE_PER_SECOND")
     assert "Traceback" not in done.stderr
-    done = mailer(settings, "migrate", MAILER_ENV="production", MAILER_SECRET_KEY="")
+    done = secret
     assert done.returncode == 2 and "MAILER_SECRET_KEY" in done.stderr
-    done = mailer(settings, "migrate", MAILER_DOMAIN_RATES="gmail.com:20")
+    done = domains
     assert done.returncode == 2 and "MAILER_DOMAIN_RATES" in done.stderr
-    done = mailer(settings, "migrate", MAILER_SMTP_SECURITY="ssl3")
+    done = security
     assert done.returncode == 2 and "MAILER_SMTP_SECURITY" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow(20)
 async def test_send_test_and_migrate(settings: Settings, smtp: SmtpServer, tmp_path: Path) -> None:
-    done = mailer(settings, "send-test", "ops@example.com")
+    fresh = f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}"
+    done, bad, down, migrated = await mailers(
+        settings,
+        (["send-test", "ops@example.com"], {}),
+        (["send-test", "not-an-address"], {}),
+        (["send-test", "ops@example.com"], {"MAILER_SMTP_PORT": "1"}),
+        (["migrate"], {"MAILER_DATABASE_URL": fresh}),
+    )
     assert done.returncode == 0, done.stderr
     assert smtp.wait_for(1)[0].rcpt == "ops@example.com"
-    bad = mailer(settings, "send-test", "not-an-address")
     assert bad.returncode == 1 and "email" in bad.stderr
-    fresh = f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}"
-    done = mailer(settings, "migrate", MAILER_DATABASE_URL=fresh)
+    done = migrated
     assert done.returncode == 0 and "up to date" in done.stdout
-    again = mailer(settings, "migrate", MAILER_DATABASE_URL=fresh)
+    again = await asyncio.to_thread(mailer, settings, "migrate", MAILER_DATABASE_URL=fresh)
     assert again.returncode == 0
-    down = mailer(settings, "send-test", "ops@example.com", MAILER_SMTP_PORT="1")
     assert down.returncode == 1 and "refused" in down.stderr

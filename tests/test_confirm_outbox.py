@@ -17,8 +17,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from burst import reconcile_once, run_burst
-from conftest import clean_redis, wait_until
-from helpers import events, sql, subscriber
+from helpers import clean_redis, events, sql, subscriber, wait_until
 from smtpserver import SmtpServer
 from sqlalchemy import insert
 

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import httpx
 import redis.asyncio as aioredis
-from conftest import clean_redis
-from helpers import settings_env, sql
+from helpers import clean_redis, settings_env, sql
 from hypothesis import given
 from hypothesis import strategies as st
 

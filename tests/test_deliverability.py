@@ -17,10 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import wait_until
-from helpers import editor_token, seed_subscribers
+from helpers import blast, editor_token, publish, seed_subscribers, wait_status, wait_until
 from smtpserver import SmtpServer
-from test_blasts import blast, publish, wait_status
 
 from mailer.config import Settings
 

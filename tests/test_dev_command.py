@@ -11,22 +11,8 @@ import uuid
 from pathlib import Path
 
 import httpx
+from helpers import _wait_ready
 from smtpserver import free_port
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode() if proc.stdout else ""
-            raise AssertionError(f"mailer dev exited early ({proc.returncode}):\n{out}")
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("mailer dev did not become ready")
 
 
 def test_mailer_dev_serves_the_form_and_catches_the_confirmation(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import re
 import signal
@@ -13,13 +12,23 @@ from typing import Any
 import dkim
 import httpx
 import pytest
-from conftest import wait_until
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from helpers import editor_token, seed_subscribers, sql, subscriber
+from helpers import (
+    blast,
+    editor_token,
+    progress,
+    publish,
+    queue_settled,
+    seed_subscribers,
+    sql,
+    start_worker_process,
+    subscriber,
+    wait_status,
+    wait_until,
+    wait_workers,
+)
 from smtpserver import DROP, Received, SmtpServer
-from test_blasts import blast, progress, publish, wait_status
-from test_recovery import start_worker_process
 
 from mailer.config import Settings
 from mailer.smtp import Verdict, classify
@@ -77,6 +86,7 @@ def test_reply_classification(code: int | None, message: str, verdict: Verdict) 
 @pytest.mark.parametrize(
     "settings_overrides", [{"rate_per_second": 50.0, "rate_burst": 5, "batch_size": 10}]
 )
+@pytest.mark.slow(20)
 async def test_rate_ceiling_across_two_worker_processes(
     app_client: httpx.AsyncClient, smtp: SmtpServer, settings: Settings, tmp_path: Path
 ) -> None:
@@ -84,9 +94,12 @@ async def test_rate_ceiling_across_two_worker_processes(
     token = await editor_token(settings)
     workers = [start_worker_process(settings, tmp_path / f"w{i}.log") for i in range(2)]
     try:
-        await asyncio.sleep(1.5)  # both running before the blast starts
+        await wait_workers(app_client, token, 2)  # both running before the blast starts
         bid = await blast(app_client, token, await publish(app_client, token))
-        await wait_status(app_client, token, bid, "done", timeout=60)
+        # Watched at the SMTP server, not by polling the API: this process stays quiet
+        # while the workers send (it is the one that receives and stamps the mail).
+        await wait_until(lambda: len(smtp.messages) >= 500, timeout=60, step=0.25)
+        await wait_status(app_client, token, bid, "done", timeout=30)
     finally:
         for w in workers:
             w.send_signal(signal.SIGTERM)
@@ -110,6 +123,7 @@ async def test_rate_ceiling_across_two_worker_processes(
 @pytest.mark.parametrize(
     "settings_overrides", [{"domain_rates": {"slow.test": 5.0}, "rate_burst": 1}]
 )
+@pytest.mark.slow(10)
 async def test_per_domain_rate(
     app_client: httpx.AsyncClient, smtp: SmtpServer, settings: Settings, start_worker: Any
 ) -> None:
@@ -118,7 +132,8 @@ async def test_per_domain_rate(
     token = await editor_token(settings)
     await start_worker()
     bid = await blast(app_client, token, await publish(app_client, token))
-    await wait_status(app_client, token, bid, "done", timeout=60)
+    await wait_until(lambda: len(smtp.messages) >= 330, timeout=60, step=0.25)  # quietly
+    await wait_status(app_client, token, bid, "done", timeout=30)
     slow = sorted(m.at for m in smtp.messages if m.rcpt.endswith("@slow.test"))
     fast = sorted(m.at for m in smtp.messages if m.rcpt.endswith("@fast.test"))
     assert len(slow) == 30 and len(fast) == 300
@@ -139,7 +154,7 @@ async def test_daily_quota_waits_then_resumes(
     await start_worker()
     bid = await blast(app_client, token, await publish(app_client, token))
     await wait_until(lambda: len(smtp.messages) >= 100, timeout=30)
-    await asyncio.sleep(1.0)
+    await queue_settled(settings)  # every batch job has ended: the rest waits in SQL
     assert len(smtp.messages) == 100  # the quota holds
     p = await progress(app_client, token, bid)
     assert p["status"] == "sending" and p["sent"] == 100 and p["pending"] == 50
@@ -164,6 +179,7 @@ def fault_plan(rcpt: str, attempt: int) -> str | None:
 
 
 @pytest.mark.parametrize("settings_overrides", [{"batch_size": 100}])
+@pytest.mark.slow(90)
 async def test_faults_on_a_2000_blast(
     app_client: httpx.AsyncClient, smtp: SmtpServer, settings: Settings, start_worker: Any
 ) -> None:
@@ -318,6 +334,7 @@ async def test_dkim_signature_verifies(
 
 
 @pytest.mark.parametrize("settings_overrides", [{"batch_size": 100, "smtp_connections": 3}])
+@pytest.mark.slow(15)
 async def test_connections_are_reused(
     app_client: httpx.AsyncClient, smtp: SmtpServer, settings: Settings, start_worker: Any
 ) -> None:

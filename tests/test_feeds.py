@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from html import escape
 from typing import Any
 
 import httpx
 import pytest
-from conftest import wait_until
-from helpers import editor_token, seed_subscribers, sql, text_body
-from siteserver import SiteServer
+from helpers import editor_token, seed_subscribers, sql, text_body, wait_until
+from siteserver import STATEMENT_PAGE, SiteServer, entry, no_feeds, poll, rss
 from smtpserver import SmtpServer
 
 from mailer.config import FeedMode, Settings
@@ -21,58 +19,9 @@ from mailer.db import make_engine, make_sessionmaker
 from mailer.editors import add_editor
 from mailer.feed_actions import NOTICE_SUBJECT, site_drafts
 
-STATEMENT_PAGE = """
-<p>The campaign answered today.
-<a href="/statements/earlier-one">Read our earlier statement</a>.</p>
-<figure><img src="/media/rally.jpg" alt="Supporters at the rally" width="1200" height="800">
-<figcaption>Supporters at the rally.</figcaption></figure>
-<p onclick="track('second')">Second paragraph of the statement.</p>
-<blockquote class="twitter-tweet" data-dnt="true"><p lang="en" dir="ltr">We will not back down.
-<a href="https://t.co/x1">pic.twitter.com/x1</a></p>&mdash; Campaign (@campaign)
-<a href="https://twitter.com/campaign/status/1790000000000000000?ref_src=twsrc%5Etfw"
->May 13, 2024</a>
-</blockquote>
-<script async src="https://platform.twitter.com/widgets.js" charset="utf-8"></script>
-<iframe width="560" height="315" src="https://www.youtube.com/embed/abc123XYZ"
- title="YouTube video player" frameborder="0" allowfullscreen></iframe>
-<p>Third paragraph, the last one.</p>
-"""
-
-
-def entry(site: SiteServer, n: int, body: str = "", guid: str | None = None) -> dict[str, str]:
-    return {
-        "guid": guid or f"tag:campaign.example,2024:statement-{n}",
-        "link": site.url(f"/statements/{n}"),
-        "title": f"Statement number {n}",
-        "author": "Press Office",
-        "body": body or f"<p>Body of statement {n}.</p>",
-        "date": f"Mon, 0{n} Jan 2024 10:00:00 GMT",
-    }
-
-
-def rss(entries: list[dict[str, str]]) -> str:
-    items = "".join(
-        f"""<item><title>{escape(e["title"])}</title><link>{e["link"]}</link>
-<guid isPermaLink="false">{e["guid"]}</guid><dc:creator>{e["author"]}</dc:creator>
-<pubDate>{e["date"]}</pubDate><description>Summary only.</description>
-<content:encoded><![CDATA[{e["body"]}]]></content:encoded></item>"""
-        for e in entries[::-1]  # newest first, as feeds are
-    )
-    return f"""<?xml version="1.0" encoding="utf-8"?>
-<rss version="2.0" xmlns:content="http://purl.org/rss/1.0/modules/content/"
- xmlns:dc="http://purl.org/dc/elements/1.1/"><channel><title>Campaign</title>
-<link>https://campaign.example/</link><description>Statements</description>{items}
-</channel></rss>"""
-
 
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-async def poll(client: httpx.AsyncClient, token: str) -> list[dict[str, Any]]:
-    r = await client.post("/api/feeds/poll", headers=auth(token))
-    assert r.status_code == 200, r.text
-    return list(r.json()["feeds"])
 
 
 async def statements_from_site(settings: Settings) -> list[tuple[Any, ...]]:
@@ -94,11 +43,6 @@ def feed_mode() -> str:
 @pytest.fixture
 def settings_overrides(site: SiteServer, feed_mode: str) -> dict[str, Any]:
     return {"feed_urls": [site.url("/feed.xml")], "feed_mode": FeedMode(feed_mode)}
-
-
-def no_feeds(settings: Settings) -> Settings:
-    """The worker's settings for tests that poll through the API: no cron poll racing it."""
-    return settings.model_copy(update={"feed_urls": []})
 
 
 def html_part(message: Any) -> str:

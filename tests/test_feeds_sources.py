@@ -18,10 +18,9 @@ import httpx
 import pytest
 from helpers import editor_token, settings_env, sql
 from rich.console import Console
-from siteserver import SiteServer
+from siteserver import STATEMENT_PAGE, SiteServer, entry, poll, rss
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
-from test_feeds import STATEMENT_PAGE, entry, poll, rss
 
 from mailer.config import FeedMode, Settings
 from mailer.ops.status import collect, render

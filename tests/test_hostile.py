@@ -18,8 +18,14 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import wait_until
-from helpers import editor_token, seed_subscribers, subscriber, table_counts
+from helpers import (
+    editor_token,
+    queue_settled,
+    seed_subscribers,
+    subscriber,
+    table_counts,
+    wait_until,
+)
 from smtpserver import SmtpServer
 from sqlalchemy import text
 
@@ -177,6 +183,7 @@ def attacks(sid: int) -> list[Attack]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow(30)
 async def test_hostile_inputs_are_refused_and_write_nothing(
     app_client: httpx.AsyncClient, settings: Settings, smtp: SmtpServer
 ) -> None:
@@ -410,6 +417,7 @@ async def test_names_cannot_add_headers_to_the_confirmation_mail(
     assert {m.rcpt for m in smtp.messages} == set(everyone)
 
 
+@pytest.mark.slow(10)
 async def test_titles_cannot_add_headers_to_blasts_or_test_sends(
     app_client: httpx.AsyncClient, settings: Settings, smtp: SmtpServer, start_worker: Any
 ) -> None:
@@ -434,8 +442,7 @@ async def test_titles_cannot_add_headers_to_blasts_or_test_sends(
         assert r.json()["results"] == {"editor@example.com": "sent"}, r.text
         r = await app_client.post("/api/blasts", json={"statement_id": sid}, headers=auth(token))
         assert r.status_code == 202
-        await wait_until(lambda: len(smtp.messages) >= 3, timeout=30)
-        await asyncio.sleep(0.05)
+        await queue_settled(settings)  # the blast and anything it might repeat
         assert sorted(m.rcpt for m in smtp.messages) == sorted(
             ["editor@example.com", *people["confirmed"]]
         )
@@ -471,8 +478,7 @@ async def test_import_names_and_addresses_cannot_inject(
     assert report.bad == len(HOSTILE_NAMES) + 4, report.lines()
     assert report.imported == len(TRICKY_NAMES) and report.balanced
     assert await subscriber(settings, "bad0@example.com") is None
-    await wait_until(lambda: len(smtp.messages) >= len(TRICKY_NAMES), timeout=30)
-    await asyncio.sleep(0.3)
+    await queue_settled(settings)
     assert sorted(m.rcpt for m in smtp.messages) == sorted(
         f"ok{i}@example.com" for i in range(len(TRICKY_NAMES))
     )
@@ -631,7 +637,7 @@ async def test_everything_shown_is_escaped(
     mail = smtp.recorder.to("xss@example.com")[0].message
     html = mail.get_body(preferencelist=("html",)).get_content()
     assert "<script>alert(2)" not in html and "<img src=x" not in html
-    assert "&lt;script&gt;alert(2)&lt;/script&gt;" in html
+    assert "alert(2)" not in html  # the typed name never reaches the confirmation mail
     r = await app_client.post(
         "/api/statements",
         json={"title": xss, "author": xss, "body_markdown": f"{xss}\n\n[a](javascript:alert(3))"},

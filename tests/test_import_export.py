@@ -11,14 +11,23 @@ import csv
 import io
 import random
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
-from conftest import clean_redis, wait_until
-from helpers import events, settings_env, sql, subscriber, table_counts
+from helpers import (
+    MAILER,
+    clean_redis,
+    events,
+    queue_settled,
+    settings_env,
+    sql,
+    subscriber,
+    table_counts,
+    write_csv,
+)
 from smtpserver import SmtpServer
 
 from mailer.config import Settings
@@ -27,8 +36,6 @@ from mailer.exporter import COLUMNS, export_csv
 from mailer.importer import EmailNormalizer, ImportOptions, import_csv
 from mailer.migrate import upgrade
 from mailer.subscriptions import InvalidInput, normalize_email
-
-MAILER = str(Path(sys.executable).parent / "mailer")
 
 
 async def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -44,14 +51,6 @@ def report_counts(stdout: str) -> dict[str, int]:
         if sep and value.isdigit() and not line.startswith("line "):
             out[key] = int(value)
     return out
-
-
-def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
-    with path.open("w", encoding="utf-8", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 BAD_KINDS = [
@@ -103,6 +102,7 @@ async def status_counts(settings: Settings) -> dict[str, int]:
     return {status: int(n) for status, n in rows}
 
 
+@pytest.mark.slow(35)
 async def test_import_report_dry_run_and_rerun(
     settings: Settings, redis: aioredis.Redis, tmp_path: Path
 ) -> None:
@@ -160,8 +160,7 @@ async def test_default_import_mails_confirmations_confirmed_import_does_not(
         settings, write_csv(tmp_path / "a.csv", ["email", "name"], plain), ImportOptions()
     )
     assert (report.imported, report.queued) == (20, 20)
-    await wait_until(lambda: len(smtp.messages) >= 20)
-    await asyncio.sleep(0.5)
+    await queue_settled(settings)
     assert sorted(m.rcpt for m in smtp.messages) == sorted(r[0] for r in plain)
     for email, _ in plain:
         sub = await subscriber(settings, email)
@@ -181,7 +180,7 @@ async def test_default_import_mails_confirmations_confirmed_import_does_not(
     # The pending readers' list, now with a consent source: upgraded, still no mail.
     report = await import_csv(settings, tmp_path / "a.csv", opts)
     assert (report.imported, report.updated, report.queued) == (0, 20, 0)
-    await asyncio.sleep(1.0)
+    await queue_settled(settings)
     assert len(smtp.messages) == 20
     assert await status_counts(settings) == {"confirmed": 40}
 
@@ -224,6 +223,7 @@ def parse_export(text: str) -> list[dict[str, str]]:
     return sorted(rows, key=lambda r: r["email"])
 
 
+@pytest.mark.slow(12)
 async def test_export_import_round_trip_into_fresh_database(
     settings: Settings, redis: aioredis.Redis, tmp_path: Path
 ) -> None:
@@ -272,36 +272,47 @@ async def test_export_import_round_trip_into_fresh_database(
         await clean_redis(redis, fresh.queue_name)
 
 
+@pytest.mark.slow(30)
 async def test_cli_refuses_bad_invocations_in_one_line(tmp_path: Path) -> None:
     env = settings_env_defaults(tmp_path)
     good = write_csv(tmp_path / "ok.csv", ["email"], [["a@example.com"]])
+    noemail = write_csv(tmp_path / "names.csv", ["name", "phone"], [["Ada", "1"]])
+    huge = tmp_path / "huge.csv"
+    with huge.open("wb") as fh:  # sparse: costs no disk
+        fh.truncate(201 * 1024 * 1024)
+    latin = tmp_path / "latin1.csv"
+    latin.write_bytes("email,name\nj@example.com,Jos\xe9\n".encode("latin-1"))
 
-    r = await run_cli(env, "subscribers", "import", str(good), "--confirmed")
+    # Independent invocations: run side by side, each checked on its own below.
+    confirmed, missing, no_email, too_big, not_utf8, bad_status = await asyncio.gather(
+        run_cli(env, "subscribers", "import", str(good), "--confirmed"),
+        run_cli(env, "subscribers", "import", str(tmp_path / "missing.csv")),
+        run_cli(env, "subscribers", "import", str(noemail)),
+        run_cli(env, "subscribers", "import", str(huge)),
+        run_cli(env, "subscribers", "import", str(latin)),
+        run_cli(env, "subscribers", "export", "--status", "vip"),
+    )
+
+    r = confirmed
     assert r.returncode == 2 and "--consent-source" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
-    r = await run_cli(env, "subscribers", "import", str(tmp_path / "missing.csv"))
+    r = missing
     assert (
         r.returncode != 0 and r.stderr.strip() == f"error: {tmp_path / 'missing.csv'}: no such file"
     )
 
-    noemail = write_csv(tmp_path / "names.csv", ["name", "phone"], [["Ada", "1"]])
-    r = await run_cli(env, "subscribers", "import", str(noemail))
+    r = no_email
     assert r.returncode != 0 and "no 'email' column" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
-    huge = tmp_path / "huge.csv"
-    with huge.open("wb") as fh:  # sparse: costs no disk
-        fh.truncate(201 * 1024 * 1024)
-    r = await run_cli(env, "subscribers", "import", str(huge))
+    r = too_big
     assert r.returncode != 0 and "200 MB import limit" in r.stderr
 
-    latin = tmp_path / "latin1.csv"
-    latin.write_bytes("email,name\nj@example.com,Jos\xe9\n".encode("latin-1"))
-    r = await run_cli(env, "subscribers", "import", str(latin))
+    r = not_utf8
     assert r.returncode != 0 and "line 2 is not UTF-8" in r.stderr
 
-    r = await run_cli(env, "subscribers", "export", "--status", "vip")
+    r = bad_status
     assert r.returncode == 2 and "--status must be one of" in r.stderr
     assert not (tmp_path / "never.db").exists()  # refused before touching anything
 

@@ -38,6 +38,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     1: ("models", "runtime", "stats", "heartbeat", "queue", "dkim"),
     2: (
         "smtp",
+        "smtp_pipeline",
         "throttle",
         "statements",
         "render",
@@ -48,6 +49,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "cms_html",
         "feed_fetch",
         "feed_status",
+        "dev_login",
     ),
     3: (
         "blast_state",

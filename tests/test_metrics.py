@@ -7,47 +7,30 @@ import logging
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import wait_until
-from helpers import editor_token, seed_subscribers, settings_env
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import (
+    MAILER,
+    auth,
+    blast,
+    editor_token,
+    progress,
+    publish,
+    scrape,
+    seed_subscribers,
+    settings_env,
+    value,
+    wait_status,
+    wait_until,
+)
 from smtpserver import SmtpServer
-from test_blasts import auth, blast, progress, publish, wait_status
 
 from mailer.config import Settings
 from mailer.stats import SMTP_BUCKETS
-
-MAILER = str(Path(sys.executable).parent / "mailer")
-
-
-def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """Every sample of a scrape by sample name; parsing it is itself the format check."""
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out.setdefault(s.name, []).append((dict(s.labels), float(s.value)))
-    return out
-
-
-def value(
-    figures: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str
-) -> float:
-    matches = [v for lab, v in figures.get(name, []) if labels.items() <= lab.items()]
-    assert matches, f"no sample {name}{labels}"
-    return sum(matches)
-
-
-async def scrape(client: httpx.AsyncClient) -> dict[str, list[tuple[dict[str, str], float]]]:
-    r = await client.get("/metrics")
-    assert r.status_code == 200
-    assert r.headers["content-type"].startswith("text/plain; version=")
-    return samples(r.text)
 
 
 class Workers:
@@ -92,6 +75,7 @@ def workers(settings: Settings, tmp_path: Path) -> Iterator[Workers]:
 @pytest.mark.parametrize(
     "settings_overrides", [{"rate_per_second": 200, "rate_burst": 5, "batch_size": 5}]
 )
+@pytest.mark.slow(20)
 async def test_metrics_add_up_across_two_worker_processes(
     app_client: httpx.AsyncClient, smtp: SmtpServer, settings: Settings, workers: Workers
 ) -> None:
@@ -102,7 +86,7 @@ async def test_metrics_add_up_across_two_worker_processes(
     async def both_alive() -> bool:
         return value(await scrape(app_client), "mailer_workers_alive") == 2
 
-    await wait_until(both_alive, timeout=30, step=0.1)
+    await wait_until(both_alive, timeout=90, step=0.1)  # process start-ups: slow when busy
     bid = await blast(app_client, token, await publish(app_client, token))
     done = await wait_status(app_client, token, bid, "done", timeout=30)
     assert done["sent"] == 100 and len(smtp.messages) == 100
@@ -200,6 +184,7 @@ def capture_blast_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFix
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # logs don't depend on the DB
+@pytest.mark.slow(10)
 async def test_json_logs_carry_state_changes_and_no_secrets(
     app_client: httpx.AsyncClient,
     smtp: SmtpServer,

@@ -19,10 +19,9 @@ from typing import Any
 import httpx
 import pytest
 import yaml  # type: ignore[import-untyped]
-from helpers import editor_token, seed_subscribers
+from helpers import blast, editor_token, publish, seed_subscribers, wait_status
 from prometheus_client.parser import text_string_to_metric_families
 from smtpserver import SmtpServer
-from test_blasts import blast, publish, wait_status
 
 from mailer.config import Settings
 

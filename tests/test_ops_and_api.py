@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
-from helpers import editor_token
+from helpers import auth, editor_token, publish
 from smtpserver import SmtpServer, free_port
-from test_blasts import auth, publish
 
 from mailer.config import Settings
 from mailer.web.app import create_app

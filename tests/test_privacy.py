@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-from helpers import editor_token, sql, subscriber
+from helpers import editor_token, sql, subscriber, write_csv
 from pydantic import SecretStr
 from sqlalchemy import MetaData, insert, select
-from test_import_export import write_csv
 
 from mailer.config import Settings, load_settings
 from mailer.db import make_engine, utcnow

@@ -6,30 +6,30 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import wait_until
-from helpers import editor_token, seed_subscribers, settings_env
+from helpers import (
+    blast,
+    editor_token,
+    progress,
+    publish,
+    seed_subscribers,
+    start_worker_process,
+    wait_status,
+    wait_until,
+)
 from smtpserver import SmtpServer, free_port
-from test_blasts import blast, progress, publish, wait_status
 
 from mailer.config import Settings
 from mailer.record import FLUSH_EVERY
 from mailer.web.app import create_app
 
-MAILER = str(Path(sys.executable).parent / "mailer")
 
-
-def start_worker_process(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    out = log.open("ab")
-    return subprocess.Popen([MAILER, "worker"], env=settings_env(settings), stdout=out, stderr=out)
-
-
+@pytest.mark.slow(70)
 async def test_sigkill_three_times_skips_nobody(
     app_client: httpx.AsyncClient, smtp: SmtpServer, settings: Settings, tmp_path: Path
 ) -> None:
@@ -90,6 +90,7 @@ def private_redis(tmp_path: Path) -> Any:
     proc.wait(10)
 
 
+@pytest.mark.slow(20)
 async def test_redis_flushall_mid_blast_loses_nothing(
     private_redis: str, smtp: SmtpServer, settings: Settings, start_worker: Any
 ) -> None:

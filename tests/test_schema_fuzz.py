@@ -173,6 +173,7 @@ def run_schemathesis(app: Any, settings: Settings, token: str) -> FuzzReport:
 # The time budget: a hard stop well above the ~20 s it takes, so a slow machine passes
 # and a hang fails. The seed is fixed by derandomize=True: every run sends the same cases.
 @pytest.mark.timeout(FUZZ_BUDGET_S)
+@pytest.mark.slow(70)
 async def test_schemathesis_all_operations_with_and_without_token(
     settings: Settings, smtp: SmtpServer
 ) -> None:

@@ -9,8 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import wait_until
-from helpers import subscriber
+from helpers import subscriber, wait_until
 from smtpserver import SmtpServer
 
 from mailer.config import Settings

@@ -11,8 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import wait_until
-from helpers import events, subscriber
+from helpers import events, subscriber, wait_until
 from playwright.async_api import Browser, async_playwright, expect
 from siteserver import SiteServer
 from starlette.requests import Request
@@ -156,6 +155,16 @@ async def test_the_page_signed_up_on_is_kept_with_the_consent(
     assert not re.search(r"[\x00-\x1f\u2028]", source)
     r = await app_client.post("/subscribe", json={"email": "i@example.com", "source": 42})
     assert r.status_code == 202  # not text: ignored
+
+
+async def test_a_source_or_redirect_that_is_not_text_is_refused_and_writes_nothing(
+    app_client: httpx.AsyncClient, settings: Settings
+) -> None:
+    for field, value in (("source", 123), ("redirect", ["https://x"]), ("source", {"a": 1})):
+        r = await app_client.post("/subscribe", json={"email": "t@example.com", field: value})
+        assert r.status_code == 422, (field, value, r.text)
+        assert r.json()["field"] == field
+    assert await subscriber(settings, "t@example.com") is None
 
 
 async def test_embed_js_is_our_own_small_cacheable_script(app_client: httpx.AsyncClient) -> None:

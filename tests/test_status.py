@@ -6,20 +6,27 @@ import asyncio
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import wait_until
-from helpers import editor_token, seed_subscribers, settings_env
+from helpers import (
+    MAILER,
+    auth,
+    blast,
+    editor_token,
+    progress,
+    publish,
+    queue_settled,
+    seed_subscribers,
+    settings_env,
+    wait_until,
+)
 from smtpserver import SmtpServer, free_port
-from test_blasts import auth, blast, progress, publish
 
 from mailer.config import Settings, load_settings
 
-MAILER = str(Path(sys.executable).parent / "mailer")
 STATUSES = {"scheduled", "queued", "sending", "paused", "done", "cancelled"}
 
 
@@ -37,6 +44,7 @@ def row(output: str, blast_id: int) -> list[str]:
 
 
 @pytest.mark.parametrize("settings_overrides", [{"rate_per_second": 20, "rate_burst": 1}])
+@pytest.mark.slow(12)
 async def test_status_shows_workers_queue_and_blasts(
     app_client: httpx.AsyncClient,
     smtp: SmtpServer,
@@ -58,14 +66,9 @@ async def test_status_shows_workers_queue_and_blasts(
         send_at="2099-01-01T09:00:00Z",
     )
 
-    async def settled() -> dict[str, Any] | None:
-        # In-flight messages are recorded after the pause; wait until nothing is claimed.
-        p = await progress(app_client, token, paused)
-        await asyncio.sleep(0.3)
-        again = await progress(app_client, token, paused)
-        return again if again == p and len(smtp.messages) == p["sent"] else None
-
-    p = await wait_until(settled, timeout=20)
+    await queue_settled(settings)  # in-flight messages are recorded after the pause
+    p = await progress(app_client, token, paused)
+    assert len(smtp.messages) == p["sent"]
 
     # --watch runs alongside; both start at once to spare the suite a process start-up.
     out_file, err_file = tmp_path / "watch.out", tmp_path / "watch.err"

@@ -132,6 +132,7 @@ def make(rds: aioredis.Redis, queue: str, **kw: Any) -> Throttle:
 @pytest.mark.parametrize(
     ("rate", "burst", "slots", "tolerance"), [(50, 5, 500, 0.10), (200, 10, 600, 0.05)]
 )
+@pytest.mark.slow(12)
 def test_ceiling_holds_across_processes(
     queue: str, rate: int, burst: int, slots: int, tolerance: float
 ) -> None:

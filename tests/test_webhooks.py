@@ -12,10 +12,22 @@ from typing import Any, Protocol
 
 import httpx
 import pytest
-from helpers import editor_token, seed_subscribers, sql, subscriber
+from helpers import (
+    blast,
+    editor_token,
+    publish,
+    rows,
+    seed_subscribers,
+    sql,
+    status_of,
+    subscriber,
+    wait_status,
+)
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 from smtpserver import SmtpServer
-from test_blasts import blast, publish, wait_status
 from webhook_payloads import (
     MAILGUN_KEY,
     POSTMARK_PASSWORD,
@@ -35,6 +47,9 @@ from webhook_payloads import (
     ses_complaint,
 )
 
+from mailer.bounces.providers import mailgun, postmark, sendgrid
+from mailer.bounces.providers import ses as ses_provider
+from mailer.bounces.providers.common import Received, Rejected
 from mailer.config import Settings, SettingsError, load_settings
 from mailer.keys import Keys
 from mailer.privacy import email_hash
@@ -98,19 +113,6 @@ def hook(provider: str, sns: Sns) -> Hook:
 async def post(client: httpx.AsyncClient, path: str, request: Request) -> httpx.Response:
     body, headers = request
     return await client.post(path, content=body, headers=headers)
-
-
-async def rows(settings: Settings) -> list[tuple[Any, ...]]:
-    return await sql(
-        settings,
-        "SELECT kind, subscriber_id, blast_id, evidence, source FROM bounce_events ORDER BY id",
-    )
-
-
-async def status_of(settings: Settings, email: str) -> str:
-    sub = await subscriber(settings, email)
-    assert sub is not None
-    return str(sub.status)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -373,12 +375,15 @@ def test_webhook_settings_are_checked_at_start_up() -> None:
             "MAILER_POSTMARK_WEBHOOK_PASSWORD: at least 16",
         ),
     ]
+    valid = {"env": "dev", "secret_key": "webhook-test-secret-key-0123456789abcdef"}
     for overrides, message in cases:
         with pytest.raises(SettingsError) as stopped:
-            load_settings(**overrides)
+            load_settings(**valid, **overrides)
         assert message in str(stopped.value), stopped.value
     ok = load_settings(
-        ses_topic_arns=f"{TOPIC}, {TOPIC}-2", sendgrid_webhook_public_key=SENDGRID.public_key
+        **valid,
+        ses_topic_arns=f"{TOPIC}, {TOPIC}-2",
+        sendgrid_webhook_public_key=SENDGRID.public_key,
     )
     assert ok.ses_topic_arns == [TOPIC, f"{TOPIC}-2"]
 
@@ -404,3 +409,85 @@ async def test_odd_numbers_in_headers_and_payloads_are_refused_not_crashed_on(
     r = await client.post("/webhooks/mailgun", content=json.dumps(body))
     assert r.status_code == 403
     assert len(await rows(settings)) == 1
+
+
+# Hostile payloads: the mappers never raise but Rejected ----------------------------------
+
+LEAF = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=30)
+    | st.sampled_from(["²", "550 5.1.1 gone", "<b1.abc@x>", "smtp; 452 4.2.2 full", "a@b.c"])
+)
+JSON = st.recursive(
+    LEAF,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+def shaped(**fields: Any) -> Any:
+    """A dict with (some of) these keys, each value mostly its strategy, else anything."""
+    return st.fixed_dictionaries({}, optional={k: st.one_of(v, v, JSON) for k, v in fields.items()})
+
+
+NUMBERISH = st.sampled_from(["²", "¹²³", "١٢٣", "550", 550, -1, 10**30, 1e300, "5.1.1", ""])
+
+
+ADDRESS = st.sampled_from(["conf000000@example.com", "", "no-at-sign", "x@" + "y" * 300])
+RECIPIENTS = st.lists(
+    shaped(emailAddress=ADDRESS, status=LEAF, diagnosticCode=LEAF, action=LEAF), max_size=3
+)
+SES = shaped(
+    notificationType=st.sampled_from(["Bounce", "Complaint", "Delivery", "Rendering Failure"]),
+    bounce=shaped(bounceType=st.sampled_from(["Permanent", "Transient", "Weird"]),
+                  bouncedRecipients=RECIPIENTS, feedbackId=LEAF),
+    complaint=shaped(complainedRecipients=RECIPIENTS, complaintFeedbackType=LEAF),
+    mail=shaped(headers=st.lists(shaped(name=LEAF, value=LEAF), max_size=3),
+                commonHeaders=shaped(messageId=LEAF)),
+)  # fmt: skip
+POSTMARK = shaped(
+    RecordType=st.sampled_from(["Bounce", "SpamComplaint", "Delivery", "Other"]),
+    Type=st.sampled_from(["HardBounce", "SoftBounce", "AutoResponder", "Nope"]),
+    ID=NUMBERISH, Email=ADDRESS, Details=LEAF, Content=LEAF,
+)  # fmt: skip
+SENDGRID_EVENT = shaped(
+    event=st.sampled_from(["bounce", "dropped", "spamreport", "delivered", "odd"]),
+    type=LEAF, reason=LEAF, status=LEAF, email=ADDRESS, sg_event_id=LEAF,
+    **{"smtp-id": LEAF},
+)  # fmt: skip
+MAILGUN = shaped(
+    event=st.sampled_from(["failed", "complained", "delivered", "odd"]),
+    severity=st.sampled_from(["permanent", "temporary"]), reason=LEAF, recipient=ADDRESS,
+    id=LEAF, timestamp=NUMBERISH,
+    message=shaped(headers=shaped(**{"message-id": LEAF})),
+    **{"delivery-status": shaped(code=NUMBERISH, message=LEAF, description=LEAF)},
+)  # fmt: skip
+
+
+def well_formed(received: Received) -> None:
+    for item in received.events:
+        assert len(item.event.fingerprint) <= 100 and item.event.source.startswith("webhook:")
+        assert item.event.email is None or "@" in item.event.email
+        assert item.event.code is None or 200 <= item.event.code < 600
+
+
+@hsettings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(ses=SES, postmark_record=POSTMARK, events=st.lists(SENDGRID_EVENT | JSON, max_size=4),
+       mailgun_data=MAILGUN)  # fmt: skip
+def test_hostile_payloads_map_or_are_refused_never_crash(
+    ses: Any, postmark_record: Any, events: Any, mailgun_data: Any
+) -> None:
+    envelope = {"MessageId": "m-1", "Message": json.dumps(ses)}
+    well_formed(ses_provider.notification(envelope, 100))
+    for body in (json.dumps(postmark_record).encode(), json.dumps(events).encode()):
+        for receive in (postmark.receive, sendgrid.receive):
+            try:
+                well_formed(receive(body))
+            except Rejected as refused:
+                assert refused.status == 400
+    well_formed(mailgun.receive({"event-data": mailgun_data}, 100, "t" * 50))

@@ -10,8 +10,7 @@ from typing import Any
 import httpx
 import pytest
 import test_webhooks as shared
-from helpers import seed_subscribers
-from test_webhooks import rows, status_of
+from helpers import rows, seed_subscribers, status_of
 from webhook_payloads import SNS_HOST, TOPIC, SesHook, Sns, ses_bounce
 
 from mailer.bounces.providers.common import Rejected

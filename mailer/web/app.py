@@ -23,7 +23,7 @@ from mailer.errors import one_line
 from mailer.queue import Queue
 from mailer.render import Renderer
 from mailer.runtime import Runtime
-from mailer.web import admin, api, ops, public, site_form, webhooks
+from mailer.web import admin, api, api_bounces, ops, public, site_form, webhooks
 from mailer.web.context import AppContext
 from mailer.web.cors import SiteFormCors, site_origins
 from mailer.web.deps import ApiError
@@ -80,11 +80,14 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(public.router)
     app.include_router(site_form.router)
     app.include_router(api.router)
+    app.include_router(api_bounces.router)
     app.include_router(ops.router)
     app.include_router(admin.router)
     app.include_router(webhooks.router)
     if settings.env is Env.dev:
         from mailer.web import devinbox
+        from mailer.web.admin import devlogin
 
         app.include_router(devinbox.router)
+        app.include_router(devlogin.router)
     return app

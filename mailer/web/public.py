@@ -171,6 +171,8 @@ async def subscribe(request: Request) -> Response:
         email = subscriptions.normalize_email(data.get("email"))
         name = subscriptions.normalize_name(data.get("name"))
         source = subscriptions.clean_source(data.get("source"))
+        if not isinstance(data.get("redirect", ""), str | None):
+            raise InvalidInput("redirect", "must be a string")
     except InvalidInput as exc:
         if as_json:
             return JSONResponse({"detail": str(exc), "field": exc.field}, 422)

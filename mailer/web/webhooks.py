@@ -116,9 +116,14 @@ async def _run(
     limit: int,
     read: Callable[[bytes], Awaitable[Received]],
     on_failure: Callable[[], Awaitable[None]] | None = None,
+    check: Callable[[], None] | None = None,
 ) -> JSONResponse:
+    """``check`` (credentials outside the body), read the body, ``read`` it (verify and
+    map), deliver the events; ``on_failure`` undoes what ``read`` kept if delivery fails."""
     runtime = get_ctx(request).runtime
     try:
+        if check is not None:
+            check()
         body = await _body(request, limit)
         received = await read(body)
     except Rejected as exc:
@@ -153,15 +158,13 @@ async def postmark_webhook(request: Request) -> JSONResponse:
     """Postmark bounce and spam-complaint records (HTTP basic auth)."""
     settings = get_ctx(request).runtime.settings
 
+    def check() -> None:  # the credentials, before the body is even read
+        postmark.authenticate(settings, request.headers.get("authorization"))
+
     async def read(body: bytes) -> Received:
         return postmark.receive(body)
 
-    try:  # credentials before the body is even read
-        postmark.authenticate(settings, request.headers.get("authorization"))
-    except Rejected as exc:
-        log.warning("webhook postmark refused (%s): %s", exc.status, exc.detail)
-        return JSONResponse({"detail": exc.detail}, exc.status, headers=exc.headers)
-    return await _run(request, postmark.PROVIDER, postmark.MAX_BYTES, read)
+    return await _run(request, postmark.PROVIDER, postmark.MAX_BYTES, read, check=check)
 
 
 @router.post("/sendgrid", **_doc())

@@ -22,7 +22,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from mailer.bounces.classify import kind_for
 from mailer.bounces.events import BounceEvent
@@ -40,6 +40,8 @@ _SMTP_CODE = re.compile(r"^\s*(?:smtp\s*;\s*)?([245]\d\d)(?![\d.])", re.I)
 _ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
 _MESSAGE_ID = re.compile(r"<[^<>\s]{1,300}>")
 _DIGITS = re.compile(r"[0-9]+")
+# What a database that is down raises (as ingest.py reads it), not what a bug raises.
+_UNAVAILABLE = (OperationalError, InterfaceError, OSError, TimeoutError)
 
 
 class Rejected(Exception):
@@ -151,7 +153,9 @@ def refine(
     even when a provider calls the bounce permanent."""
     if kind not in (BounceKind.hard, BounceKind.soft):
         return kind
-    said = kind_for(status=status, code=code, diagnostic=diagnostic)
+    # Only a real enhanced code reaches kind_for, which takes Status fields as parsed.
+    reply = code if code is not None and 200 <= code < 600 else None
+    said = kind_for(status=enhanced(status), code=reply, diagnostic=diagnostic)
     if said is BounceKind.policy:
         return BounceKind.policy
     if kind is BounceKind.hard and said is BounceKind.soft:
@@ -193,7 +197,7 @@ def reported(
         report="webhook",
         evidence="provider" if address else None,
         email=address,
-        status=status[:16] if status else None,
+        status=enhanced(status),
         code=code,
         diagnostic=diagnostic[:500] if diagnostic else None,
         note=note[:300] if note else None,
@@ -221,7 +225,7 @@ async def identify(runtime: Runtime, item: Reported) -> BounceEvent:
                 list_unsubscribe=item.list_unsubscribe,
                 addresses=[event.email] if event.email else [],
             )
-    except (OperationalError, DBAPIError, OSError) as exc:
+    except _UNAVAILABLE as exc:
         raise IngestUnavailable(f"database unavailable: {type(exc).__name__}") from exc
     if who.subscriber_id is None:
         return event  # the provider's address still names them (evidence "provider")

@@ -120,7 +120,11 @@ def _event(item: Mapping[str, object], name: str) -> Reported:
     else:
         kind = BounceKind.ignored
     event_id = text(item, "sg_event_id", 200)
-    key = (name, event_id) if event_id else (name, json.dumps(item, sort_keys=True, default=str))
+    try:
+        whole = json.dumps(item, sort_keys=True, default=str)
+    except (ValueError, RecursionError):  # nested about as deep as the parser allowed
+        whole = repr(sorted(item))
+    key = (name, event_id) if event_id else (name, whole)
     return common.reported(
         PROVIDER,
         kind,
@@ -130,6 +134,6 @@ def _event(item: Mapping[str, object], name: str) -> Reported:
         code=code,
         diagnostic=reason,
         note=note,
-        raw_size=len(json.dumps(item, default=str)),
+        raw_size=len(whole),
         message_id=common.message_id(text(item, "smtp-id", 400)),
     )

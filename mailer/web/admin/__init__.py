@@ -8,8 +8,8 @@ The routers are joined here in the order their routes must be matched.
 
 from fastapi import APIRouter
 
-from mailer.web.admin import blasts, login, queue, sending, statements, subscribers
+from mailer.web.admin import blasts, bounces, login, queue, sending, site, statements, subscribers
 
 router = APIRouter()
-for part in (login, statements, sending, blasts, subscribers, queue):
+for part in (login, statements, sending, blasts, subscribers, queue, site, bounces):
     router.include_router(part.router)

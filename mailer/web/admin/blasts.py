@@ -10,6 +10,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mailer import blasts
+from mailer.bounces import stats as bounce_stats
 from mailer.errors import MailerError
 from mailer.models import BlastStatus, Delivery, DeliveryStatus, Statement, Subscriber
 from mailer.web.admin.session import (
@@ -90,6 +91,7 @@ async def blast_page(request: Request, blast_id: BlastId, admin: Signed) -> Resp
                 message=f"There is no blast #{blast_id}.",
             )
         titles = await _titles(session, [p.statement_id])
+        bounced = await bounce_stats.for_blast(session, blast_id)
         rows = await session.execute(
             select(Delivery, Subscriber.email)
             .outerjoin(Subscriber, Subscriber.id == Delivery.subscriber_id)
@@ -114,6 +116,8 @@ async def blast_page(request: Request, blast_id: BlastId, admin: Signed) -> Resp
         percent=_percent(p),
         title=titles.get(p.statement_id),
         problems=problems,
+        bounces=bounced,
+        limits=get_ctx(request).runtime.settings,
     )
 
 

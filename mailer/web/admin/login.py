@@ -21,10 +21,9 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from mailer import admin_sessions
-from mailer.editors import authenticate, generation, well_formed
+from mailer.editors import authenticate, well_formed
 from mailer.web.admin.session import (
     SESSION_COOKIE,
-    SESSION_MAX_AGE_S,
     Flash,
     Post,
     Signed,
@@ -34,8 +33,7 @@ from mailer.web.admin.session import (
     log,
     redirect,
     render,
-    secure_cookies,
-    serializer,
+    start_session,
 )
 from mailer.web.context import AppContext, client_ip, get_ctx, rate_limit_key
 
@@ -122,19 +120,8 @@ async def login(request: Request) -> Response:
         return _login_page(request, 401, Flash("error", message))
     # Only failures count against the address (editors behind one office NAT).
     await ctx.runtime.redis.decr(counter)
-    # A fresh session (and CSRF secret) per login: a token seen in an old page dies with it.
-    session_id = await admin_sessions.begin(
-        ctx.runtime.redis, ctx.runtime.keys, editor.id, generation(editor)
-    )
-    response = redirect(request, "/admin/statements", f"Signed in as {editor.name}.")
-    response.set_cookie(
-        SESSION_COOKIE,
-        serializer(ctx, "session").dumps(session_id),
-        max_age=SESSION_MAX_AGE_S,
-        path="/admin",
-        httponly=True,
-        samesite="lax",
-        secure=secure_cookies(ctx),
+    response = await start_session(
+        request, editor, "/admin/statements", f"Signed in as {editor.name}."
     )
     log.info("admin: editor %s signed in", editor.id)
     return response

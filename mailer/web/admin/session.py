@@ -144,6 +144,29 @@ async def current_session(request: Request) -> AdminSession | None:
     return AdminSession(editor.id, editor.name, _csrf_token(ctx, stored.csrf_secret), session_id)
 
 
+async def start_session(request: Request, editor: Editor, url: str, text: str) -> Response:
+    """Sign ``editor`` in: the redirect to ``url`` (with ``text`` as its flash message)
+    carrying a new session cookie. The one way a session begins, whichever proof the
+    editor gave (their token at ``/admin/login``, a dev login link)."""
+    ctx = get_ctx(request)
+    # A fresh session (and CSRF secret) per login: a token seen in an old page dies with it.
+    session_id = await admin_sessions.begin(
+        ctx.runtime.redis, ctx.runtime.keys, editor.id, generation(editor)
+    )
+    value = serializer(ctx, "session").dumps(session_id)
+    response = redirect(request, url, text)
+    response.set_cookie(
+        SESSION_COOKIE,
+        value,
+        max_age=SESSION_MAX_AGE_S,
+        path="/admin",
+        httponly=True,
+        samesite="lax",
+        secure=secure_cookies(ctx),
+    )
+    return response
+
+
 async def _signed_in(request: Request) -> AdminSession:
     admin = await current_session(request)
     if admin is None:

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from mailer import statements
 from mailer.errors import one_line
+from mailer.feed_actions import is_from_site
 from mailer.models import Blast, Statement
 from mailer.render import StatementContent
 from mailer.web.admin.compose import (
@@ -39,7 +40,7 @@ async def _statement_rows(session: AsyncSession) -> list[dict[str, Any]]:
         )
         for statement_id, blast_id, status in rows:
             latest[statement_id] = (blast_id, status)
-    return [{"s": s, "blast": latest.get(s.id)} for s in items]
+    return [{"s": s, "blast": latest.get(s.id), "from_site": is_from_site(s)} for s in items]
 
 
 @router.get("/statements", response_class=HTMLResponse)

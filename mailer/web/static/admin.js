@@ -251,7 +251,45 @@
     setInterval(tick, 2000);
   }
 
+  // Copy buttons ------------------------------------------------------------------------
+  // data-copy names the field whose text goes to the clipboard; the buttons stay hidden
+  // without this script (the text can still be selected and copied by hand).
+  function setUpCopy(button) {
+    var field = document.getElementById(button.dataset.copy);
+    var status = document.getElementById(button.dataset.copyStatus);
+    if (!field) {
+      return;
+    }
+    function told(ok) {
+      if (status) {
+        status.textContent = ok ? "Copied." : "Not copied: select the text and press Ctrl+C.";
+      }
+    }
+    function byHand() {
+      field.focus();
+      field.select();
+      var ok = false;
+      try {
+        ok = document.execCommand("copy");
+      } catch (e) {
+        ok = false;
+      }
+      told(ok);
+    }
+    button.hidden = false;
+    button.addEventListener("click", function () {
+      if (navigator.clipboard && window.isSecureContext) {
+        navigator.clipboard.writeText(field.value).then(function () {
+          told(true);
+        }, byHand);
+      } else {
+        byHand();
+      }
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    document.querySelectorAll("button[data-copy]").forEach(setUpCopy);
     var compose = document.getElementById("compose");
     if (compose) {
       setUpPreview(compose);
