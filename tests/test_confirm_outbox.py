@@ -19,7 +19,6 @@ import redis.asyncio as aioredis
 from burst import reconcile_once, run_burst
 from helpers import clean_redis, events, sql, subscriber, wait_until
 from smtpserver import SmtpServer
-from sqlalchemy import insert
 
 from mailer.config import Settings
 from mailer.db import make_engine, make_sessionmaker, utcnow
@@ -167,8 +166,10 @@ async def test_an_import_without_confirmed_survives_a_flushed_redis(
     assert smtp.recorder.counts() == {email: 1 for email in people}
 
 
-async def test_migration_owes_the_mails_the_old_code_claimed_but_never_sent(db_url: str) -> None:
-    engine = make_engine(db_url)
+async def test_migration_owes_the_mails_the_old_code_claimed_but_never_sent(
+    empty_db_url: str,
+) -> None:
+    engine = make_engine(empty_db_url)
     try:
         await upgrade(engine, "0005")
         now = utcnow()
@@ -182,7 +183,7 @@ async def test_migration_owes_the_mails_the_old_code_claimed_but_never_sent(db_u
             for email, (status, claimed, sent) in rows.items():
                 sid = (
                     await conn.execute(
-                        insert(Subscriber)
+                        Subscriber.__table__.insert()
                         .values(
                             email=email, status=status, created_at=now, updated_at=now,
                             confirm_sent_at=claimed,
@@ -192,7 +193,7 @@ async def test_migration_owes_the_mails_the_old_code_claimed_but_never_sent(db_u
                 ).scalar_one()  # fmt: skip
                 if sent is not None:
                     await conn.execute(
-                        insert(SubscriberEvent).values(
+                        SubscriberEvent.__table__.insert().values(
                             subscriber_id=sid, kind="confirmation_sent", at=sent
                         )
                     )
