@@ -47,13 +47,13 @@ def test_the_verp_tag_carries_at_least_64_bits_of_mac_and_the_blast() -> None:
 
 
 def test_the_message_id_proves_blast_and_subscriber() -> None:
-    settings = Settings(secret_key=KEY, old_secret_keys=[OLD])
+    settings = Settings(env="dev", secret_key=KEY, old_secret_keys=[OLD])
     message_id = make_message_id(settings, 12, 345)
     assert read_message_id(settings, message_id, 345) == 12
     assert read_message_id(settings, message_id, 346) is None
     assert read_message_id(settings, message_id.replace("b12.", "b13."), 345) is None
     assert read_message_id(settings, "<random.abc@example.org>", 345) is None
-    old = make_message_id(Settings(secret_key=OLD), 3, 4)
+    old = make_message_id(Settings(env="dev", secret_key=OLD), 3, 4)
     assert read_message_id(settings, old, 4) == 3
 
 

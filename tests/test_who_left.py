@@ -250,8 +250,8 @@ async def test_imports_never_confirm_an_erased_address(
     assert "confirmed" not in statuses.values()
 
 
-async def test_migration_puts_rows_flipped_by_the_old_code_back(db_url: str) -> None:
-    engine = make_engine(db_url)
+async def test_migration_puts_rows_flipped_by_the_old_code_back(empty_db_url: str) -> None:
+    engine = make_engine(empty_db_url)
     try:
         await upgrade(engine, "0002")
         now = utcnow()
