@@ -132,7 +132,10 @@ class Queue:
         return job is not None
 
     async def start_blast(self, job_id: str, blast_id: int, at: datetime | None) -> None:
-        await self.pool.enqueue_job(START_BLAST, blast_id, _job_id=job_id, _defer_until=at)
+        # A time already past means now: arq keeps a payload for its defer time + 1 day,
+        # which for a time more than a day back is negative, and Redis refuses the write.
+        later = at if at is not None and at.timestamp() > time.time() else None
+        await self.pool.enqueue_job(START_BLAST, blast_id, _job_id=job_id, _defer_until=later)
 
     async def stats(self) -> dict[str, int]:
         """Queued now, deferred (scheduled for later) and in progress, across all workers.

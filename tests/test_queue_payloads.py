@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from arq.constants import job_key_prefix, result_key_prefix
 from burst import run_burst
-from helpers import subscriber
+from helpers import blast, editor_token, progress, publish, seed_subscribers, subscriber
 from smtpserver import SmtpServer
 
 from mailer.config import Settings
@@ -97,3 +97,17 @@ async def test_payloads_and_results_are_msgpack_on_every_path(
         assert result["s"] is True and result["r"] == "sent"
     sub = await subscriber(settings, "form@example.com")
     assert sub is not None and sub.confirm_sent_at is not None
+
+
+async def test_a_blast_dated_more_than_a_day_back_starts_now(
+    app_client: httpx.AsyncClient, settings: Settings, smtp: SmtpServer
+) -> None:
+    """arq keeps a payload for its defer time + 1 day: dated back further, that was a
+    negative expiry, a Redis error and a 500 (the schema fuzzer found it)."""
+    people = await seed_subscribers(settings, confirmed=2)
+    token = await editor_token(settings)
+    sid = await publish(app_client, token)
+    bid = await blast(app_client, token, sid, send_at="2000-01-01T02:00:00Z")
+    await run_burst(settings)
+    assert sorted(smtp.recorder.counts()) == people["confirmed"]
+    assert (await progress(app_client, token, bid))["status"] == "done"

@@ -3,9 +3,10 @@
 The login is the one admin POST without a CSRF token (there is no session yet), so it
 checks where the form came from instead: a browser names the page's origin in
 ``Origin`` on every POST, and a sign-in posted from another site is refused (it would
-sign the victim in to the attacker's account). The login page is served with
-``Referrer-Policy: same-origin``, because under the site-wide ``no-referrer`` browsers
-send ``Origin: null`` even for our own form.
+sign the victim in to the attacker's account). The login page says
+``<meta name="referrer" content="same-origin">`` (templates/web/admin/login.html),
+because under the site-wide ``no-referrer`` browsers send ``Origin: null`` even for our
+own form; the meta element overrides the header for that page alone.
 
 Attempts are limited per client address (an IPv4 address, an IPv6 /64) in Redis, a
 token that cannot be one is refused before any query, and the lookup itself only
@@ -41,7 +42,6 @@ router = admin_router()
 
 LOGIN_ATTEMPTS = 10  # failed sign-ins per client address per window
 LOGIN_WINDOW_S = 300
-LOGIN_PAGE_HEADERS = {"Referrer-Policy": "same-origin"}
 
 
 def _origin_of(url: str) -> tuple[str, str]:
@@ -74,9 +74,7 @@ async def _count_attempt(ctx: AppContext, ip: str) -> tuple[str, int]:
 
 
 def _login_page(request: Request, status: int = 200, flash: Flash | None = None) -> Response:
-    response = render(request, "login.html", None, status, flash=flash)
-    response.headers.update(LOGIN_PAGE_HEADERS)
-    return response
+    return render(request, "login.html", None, status, flash=flash)
 
 
 @router.get("", response_class=HTMLResponse)
