@@ -169,6 +169,27 @@ class SmtpPool:
             raise error_for(exc.code, exc.message) from exc
         self.stats.connections_opened += 1
 
+    async def warm(self) -> None:
+        """Open and greet every idle connection that is closed, all at once.
+
+        A rate-limited send calls this before it books its first slot: a connection set up
+        inside a slot reaches the relay late, and its message then lands in the same
+        one-second window as the slots booked after it (docs/smtp.md). Failures are left
+        for the send itself to meet and classify.
+        """
+        clients = [self._idle.get_nowait() for _ in range(self._idle.qsize())]
+        try:
+            await asyncio.gather(
+                *(self._open(c) for c in clients if not c.is_connected), return_exceptions=True
+            )
+        finally:
+            for client in clients:
+                self._idle.put_nowait(client)
+
+    async def _open(self, client: PipeliningSMTP) -> None:
+        await self._ensure_connected(client)
+        await client.greet()
+
     async def send(self, sender: str, recipient: str, data: bytes) -> None:
         """Send one message to one recipient; raise a typed SendError unless accepted."""
         if self._dkim is not None:

@@ -286,13 +286,7 @@ class PipeliningSMTP(aiosmtplib.SMTP):
     async def _pipeline(self, sender: str, recipient: str) -> ReplyReader | None:
         """The reader to pipeline this message on, or None to send it through aiosmtplib
         (the server offers no PIPELINING, or an address needs aiosmtplib's parsing)."""
-        if self.is_ehlo_or_helo_needed:  # connect() greets only for STARTTLS or AUTH
-            try:
-                await self.ehlo()
-            except aiosmtplib.SMTPHeloError:
-                if not self.is_connected:
-                    raise
-                await self.helo()  # what sendmail does with a server that refuses EHLO
+        await self.greet()
         plain = PLAIN_ADDRESS.fullmatch
         if (
             self.use_pipelining
@@ -308,6 +302,16 @@ class PipeliningSMTP(aiosmtplib.SMTP):
             self.close()
             raise aiosmtplib.SMTPServerDisconnected("Connection closed")
         return None
+
+    async def greet(self) -> None:
+        """EHLO (HELO if refused) unless done: connect() greets only for STARTTLS or AUTH."""
+        if self.is_ehlo_or_helo_needed:
+            try:
+                await self.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                if not self.is_connected:
+                    raise
+                await self.helo()  # what sendmail does with a server that refuses EHLO
 
     async def _reset(self, reader: ReplyReader, replies: list[Reply]) -> bool:
         """RSET after a refused envelope, as aiosmtplib does. False: close the line instead

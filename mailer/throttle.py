@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
-from typing import cast
+from typing import NamedTuple, cast
 
 from redis.asyncio import Redis
 
@@ -120,6 +120,15 @@ SLACK_S = 0.05  # of the burst kept in reserve for late arrivals at the relay
 MAX_REBOOKS = 5
 
 
+class Slot(NamedTuple):
+    waited: float  # seconds slept for it
+    due: float  # the event loop's time at which the block was due to go
+
+    def late(self) -> bool:
+        """Past its slot by more than LATE_S: sending now could overfill a window."""
+        return asyncio.get_running_loop().time() - self.due > LATE_S
+
+
 class Throttle:
     """Send-rate ceilings and the rolling daily quota; 0 means unlimited for each."""
 
@@ -198,25 +207,27 @@ class Throttle:
         wait_us = int(cast(int, await self._reserve(keys=keys, args=args)))
         return max(0, wait_us) / 1e6
 
-    async def acquire(self, n: int = 1, domain: str | None = None) -> float:
-        """Reserve, then sleep until the block may go; returns the seconds slept.
+    async def acquire(self, n: int = 1, domain: str | None = None) -> Slot:
+        """Reserve, then sleep until the block may go; the slot says when it was due.
 
         A caller that wakes more than LATE_S after its slot (a CPU stall, a busy event
         loop) books again instead of going: sent late, its block would land next to the
         blocks booked after it and overfill a one-second window. The ceiling costs a slot.
+        A caller with work between the slot and the send checks ``Slot.late`` after it.
         """
         loop = asyncio.get_running_loop()
         waited = 0.0
+        due = loop.time()
         for _ in range(MAX_REBOOKS):
             wait = await self.reserve(n, domain)
-            if wait <= 0:
-                return waited
             due = loop.time() + wait
+            if wait <= 0:
+                break
             await asyncio.sleep(wait)
             waited += wait
             if loop.time() - due <= LATE_S:
                 break
-        return waited
+        return Slot(waited, due)
 
     async def _daily_op(self, op: str, n: int = 0) -> tuple[int, int, float]:
         keys = [self.keys.daily_quota, self.keys.daily_quota_total]

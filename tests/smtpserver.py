@@ -11,9 +11,10 @@ themselves. A stage plan may also return STALL (answer nothing for a long while)
 a 421 from a stage plan closes the connection after the reply, as RFC 5321 says a
 server does.
 
-Each message is stamped with the kernel's receive time of its last bytes
-(``SO_TIMESTAMPNS``), not with the time the server thread got round to it: rate tests
-measure the wire, and a busy test process must not bunch their timestamps up.
+Each message is stamped with the kernel's receive time (``SO_TIMESTAMPNS``) of its MAIL
+command (``started``) and of its last bytes (``at``), not with the time the server thread
+got round to it: rate tests measure the sender on the wire, and a busy test process must
+not bunch their timestamps up.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class Received:
     data: bytes
     at: float  # when the end of the message reached the server's socket (kernel time)
     session: int
+    # When its MAIL command reached the socket: the moment the sender began the
+    # transaction, before any reply of this server. Rate tests use this one: the end of
+    # the message waits for this server's 354, so a stalled test process would bunch `at`.
+    started: float = 0.0
 
     @property
     def message(self) -> EmailMessage:
@@ -143,6 +148,8 @@ class _Handler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         rec = self.rec
+        if isinstance(server, _CountingSMTP):
+            server.mail_at = _received_at(server)
         with rec.lock:
             rec.mails += 1
             n = rec.mails
@@ -188,9 +195,12 @@ class _Handler:
                 return verdict
         data = envelope.original_content or b""
         at = _received_at(server)
+        started = getattr(server, "mail_at", 0.0) or at
         with rec.lock:
             for rcpt in rcpts:
-                rec.messages.append(Received(str(envelope.mail_from), rcpt, data, at, id(session)))
+                rec.messages.append(
+                    Received(str(envelope.mail_from), rcpt, data, at, id(session), started)
+                )
         return "250 2.0.0 OK queued"
 
 
@@ -246,6 +256,7 @@ def _received_at(server: SMTP) -> float:
 
 class _CountingSMTP(SMTP):
     recorder: Recorder
+    mail_at = 0.0  # kernel receive time of the current transaction's MAIL command
 
     def connection_made(self, transport: Any) -> None:
         with self.recorder.lock:

@@ -108,7 +108,7 @@ async def test_rate_ceiling_across_two_worker_processes(
                 w.wait(30)
             except subprocess.TimeoutExpired:
                 w.kill()
-    times = [m.at for m in smtp.messages]
+    times = [m.started for m in smtp.messages]
     assert len(times) == 500
     assert len({m.session for m in smtp.messages}) >= 2  # both workers sent
     (peak, where), achieved = busiest_window(times), rate(times)
@@ -120,27 +120,29 @@ async def test_rate_ceiling_across_two_worker_processes(
     assert 45 <= achieved <= 55
 
 
+# The slow domain takes ~7 s; the fast one may wait at most one chunk's share of it
+# (claims.DOMAIN_CHUNK_S, 2 s) and is otherwise bound only by CPU.
 @pytest.mark.parametrize(
-    "settings_overrides", [{"domain_rates": {"slow.test": 5.0}, "rate_burst": 1}]
+    "settings_overrides", [{"domain_rates": {"slow.test": 2.0}, "rate_burst": 1}]
 )
 @pytest.mark.slow(10)
 async def test_per_domain_rate(
     app_client: httpx.AsyncClient, smtp: SmtpServer, settings: Settings, start_worker: Any
 ) -> None:
-    await seed_subscribers(settings, confirmed=30, domain="slow.test", prefix="s")
-    await seed_subscribers(settings, confirmed=300, domain="fast.test", prefix="f")
+    await seed_subscribers(settings, confirmed=15, domain="slow.test", prefix="s")
+    await seed_subscribers(settings, confirmed=200, domain="fast.test", prefix="f")
     token = await editor_token(settings)
     await start_worker()
     bid = await blast(app_client, token, await publish(app_client, token))
-    await wait_until(lambda: len(smtp.messages) >= 330, timeout=60, step=0.25)  # quietly
+    await wait_until(lambda: len(smtp.messages) >= 215, timeout=60, step=0.25)  # quietly
     await wait_status(app_client, token, bid, "done", timeout=30)
-    slow = sorted(m.at for m in smtp.messages if m.rcpt.endswith("@slow.test"))
-    fast = sorted(m.at for m in smtp.messages if m.rcpt.endswith("@fast.test"))
-    assert len(slow) == 30 and len(fast) == 300
+    slow = sorted(m.started for m in smtp.messages if m.rcpt.endswith("@slow.test"))
+    fast = sorted(m.started for m in smtp.messages if m.rcpt.endswith("@fast.test"))
+    assert len(slow) == 15 and len(fast) == 200
     print(f"slow.test: {rate(slow):.2f}/s, max window {max_window(slow)}; fast.test span "
-          f"{fast[-1] - fast[0]:.2f}s")  # fmt: skip
-    assert rate(slow) <= 5.25
-    assert max_window(slow) <= 6  # rate + burst
+          f"{fast[-1] - fast[0]:.2f}s, slow span {slow[-1] - slow[0]:.2f}s")  # fmt: skip
+    assert rate(slow) <= 2.1
+    assert max_window(slow) <= 3  # rate + burst
     assert fast[-1] - fast[0] < (slow[-1] - slow[0]) / 2  # the fast domain did not wait
 
 

@@ -20,7 +20,9 @@ from mailer.db import utcnow
 from mailer.models import Delivery, DeliveryStatus
 from mailer.runtime import Runtime
 
-DOMAIN_CHUNK_S = 10.0  # at most this many seconds of a rate-limited domain per chunk
+# At most this many seconds of a rate-limited domain per chunk. A chunk ends when its
+# slowest domain is through, so this is also how long other domains' mail may wait on it.
+DOMAIN_CHUNK_S = 2.0
 
 
 @dataclass

@@ -43,7 +43,7 @@ from mailer.smtp import (
     SmtpPool,
 )
 from mailer.stats import OutcomeStatus
-from mailer.throttle import Throttle
+from mailer.throttle import MAX_REBOOKS, Throttle
 
 log = logging.getLogger("mailer.delivery")
 
@@ -231,18 +231,25 @@ class Sender:
 
         async def send(items: list[Claimed], domain: str | None, rest: list[Claimed]) -> bool:
             """Throttle, re-check, send, record; False once the batch must stop."""
-            if self.settings.rate_per_second > 0 or domain is not None:
-                recorder.stats.throttle_wait_s += await self.throttle.acquire(len(items), domain)
-            status = await self._current_status(blast_id)
-            if status != BlastStatus.sending:  # paused or cancelled: hand the rest back
-                stop.append(f"blast {status}")
-                back = DeliveryStatus.pending
-                if status == BlastStatus.cancelled:
-                    back = DeliveryStatus.cancelled
-                await recorder.release([c.delivery_id for c in (*items, *rest)], back)
-                rest.clear()
-                return False
-            alive = await self._still_subscribed([c.subscriber_id for c in items])
+            limited = self.settings.rate_per_second > 0 or domain is not None
+            for attempt in range(1, MAX_REBOOKS + 1):
+                if limited:
+                    slot = await self.throttle.acquire(len(items), domain)
+                    recorder.stats.throttle_wait_s += slot.waited
+                status = await self._current_status(blast_id)
+                if status != BlastStatus.sending:  # paused or cancelled: hand the rest back
+                    stop.append(f"blast {status}")
+                    back = DeliveryStatus.pending
+                    if status == BlastStatus.cancelled:
+                        back = DeliveryStatus.cancelled
+                    await recorder.release([c.delivery_id for c in (*items, *rest)], back)
+                    rest.clear()
+                    return False
+                alive = await self._still_subscribed([c.subscriber_id for c in items])
+                # The re-check ran after the slot (unsubscribe wins); if it took too long
+                # the message would land among later slots, so it books a new one.
+                if not limited or attempt == MAX_REBOOKS or not slot.late():
+                    break
             for item in items:
                 email = alive.get(item.subscriber_id)
                 if email is None:
@@ -279,6 +286,8 @@ class Sender:
                 if not await send([items.pop(0)], domain, items):
                     return
 
+        if self.settings.rate_per_second > 0 or by_domain:
+            await self.smtp.warm()  # connections open before the first slot is booked
         renewal = asyncio.create_task(self.claims.keep_leases(unsent))
         try:
             await asyncio.gather(
