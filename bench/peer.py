@@ -92,7 +92,9 @@ def imitation_sender(settings: Settings, port: int) -> tuple[Send, str]:
 
 
 async def main(url: str, port: int, count: int, concurrency: int) -> None:
-    settings = load_settings(env="dev", database_url=url, smtp_port=port)
+    settings = load_settings(
+        env="dev", database_url=url, smtp_port=port, secret_key="bench-secret-key-0123456789abcdef"
+    )
     runtime = Runtime.create(settings)
     engine = make_engine(url)
     async with engine.connect() as conn:

@@ -65,7 +65,7 @@ async def run_aiosmtplib(port: int, n: int, conns: int, data: bytes) -> None:
 
 
 async def run_pool(port: int, n: int, conns: int, data: bytes, pipelining: bool) -> None:
-    settings = load_settings(env="dev", smtp_host="127.0.0.1", smtp_port=port)
+    settings = load_settings(env="dev", smtp_host="127.0.0.1", smtp_port=port, secret_key="x" * 32)
     pool = SmtpPool(settings, size=conns)
     for client in pool._idle._queue:  # the bench's switch; mailer decides by the server
         client.use_pipelining = pipelining

@@ -8,6 +8,7 @@ A wrong value stops start-up with one line naming the variable, never a tracebac
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
@@ -64,7 +65,8 @@ class FeedMode(StrEnum):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MAILER_",
-        env_file=".env",
+        # MAILER_ENV_FILE names another file (the test suite points it at /dev/null).
+        env_file=os.environ.get("MAILER_ENV_FILE", ".env"),
         extra="ignore",
         validate_default=True,
         env_ignore_empty=True,

@@ -34,6 +34,15 @@ from mailer.worker import worker_settings
 
 pytest_plugins = ["isolation", "pytester"]
 
+# The suite sees the same settings on every machine: none of the developer's MAILER_*
+# variables (MAILER_TEST_* name the services) and no .env file, here or in the `mailer`
+# processes tests start (they inherit this environment).
+for _name in [
+    n for n in os.environ if n.startswith("MAILER_") and not n.startswith("MAILER_TEST_")
+]:
+    del os.environ[_name]
+os.environ["MAILER_ENV_FILE"] = os.devnull
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The slowest tests first (``@pytest.mark.slow(seconds)``), the rest in file order.

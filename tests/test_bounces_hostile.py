@@ -167,7 +167,7 @@ async def test_garbage_in_gives_a_line_and_changes_nothing_wrongly(
 
 
 def test_the_parser_never_raises_on_mutated_reports() -> None:
-    settings = Settings(verp_domain="bounce.test")
+    settings = Settings(env="dev", secret_key="k" * 32, verp_domain="bounce.test")
     base = postfix_dsn(original_for(settings, 1, "a@example.com"), "a@example.com", "b@x")
     rnd = random.Random(7)
     kinds = set()
