@@ -65,8 +65,7 @@ class FeedMode(StrEnum):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MAILER_",
-        # MAILER_ENV_FILE names another file (the test suite points it at /dev/null).
-        env_file=os.environ.get("MAILER_ENV_FILE", ".env"),
+        env_file=os.environ.get("MAILER_ENV_FILE", ".env"),  # tests: /dev/null
         extra="ignore",
         validate_default=True,
         env_ignore_empty=True,
