@@ -1,7 +1,7 @@
 """Settings: the one place for every knob.
 
-Everything is read from ``MAILER_*`` environment variables (or a ``.env`` file) so
-that web processes and workers on several machines can share one configuration.
+Everything is read from ``MAILER_*`` environment variables (or a ``.env`` file, or the
+file MAILER_ENV_FILE names) so web processes and workers on several machines share one.
 A wrong value stops start-up with one line naming the variable, never a traceback.
 """
 
@@ -65,7 +65,7 @@ class FeedMode(StrEnum):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MAILER_",
-        env_file=os.environ.get("MAILER_ENV_FILE", ".env"),  # tests: /dev/null
+        env_file=os.environ.get("MAILER_ENV_FILE", ".env"),
         extra="ignore",
         validate_default=True,
         env_ignore_empty=True,
