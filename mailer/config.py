@@ -266,8 +266,7 @@ class Settings(BaseSettings):
         if key == DEV_SECRET and self.env is not Env.dev:
             raise ValueError(
                 "MAILER_SECRET_KEY: the built-in development key is published in the source; "
-                f"set your own (generate one with {GENERATE_KEY_HINT})"
-            )
+                f"set your own (generate one with {GENERATE_KEY_HINT})")  # fmt: skip
         if len(key) < MIN_SECRET_KEY_CHARS:
             raise ValueError(
                 f"MAILER_SECRET_KEY: must be at least {MIN_SECRET_KEY_CHARS} characters "
