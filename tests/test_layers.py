@@ -287,3 +287,17 @@ def test_the_walk_sees_imports_in_functions_and_under_type_checking(tmp_path: Pa
         ["mailer.keys", "mailer.web.app"],
     ]
     assert "mailer.migrations.env" not in modules(root)
+
+
+def test_the_readme_module_table_names_every_module_of_the_layers() -> None:
+    """README's table is how a newcomer finds their way: it lists what LAYERS lists."""
+    rows = [line for line in (ROOT / "README.md").read_text().splitlines() if line[:4] in
+            {f"| {n} " for n in LAYERS}]  # fmt: skip
+    table = "\n".join(rows)
+    missing = [
+        name
+        for names in LAYERS.values()
+        for name in names
+        if f"{name}.py`" not in table and f"{name}/`" not in table
+    ]
+    assert missing == []
