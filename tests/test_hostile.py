@@ -282,11 +282,11 @@ async def test_chunked_body_without_length_is_cut_at_the_limit(
     """Through uvicorn, so the body really arrives as chunks with no Content-Length to check."""
     token = await editor_token(settings)
     form = "Content-Type: application/x-www-form-urlencoded\r\n"
-    answer = await chunked_upload(settings, "/subscribe", form, 50_000_000)
+    answer = await chunked_upload(settings, "/subscribe", form, 20_000_000)
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
     assert b"content-type: application/json" in answer.lower()
     editor = f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
-    answer = await chunked_upload(settings, "/api/statements", editor, 50_000_000)
+    answer = await chunked_upload(settings, "/api/statements", editor, 20_000_000)
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
     assert await table_counts(settings) == dict.fromkeys(await table_counts(settings), 0)
 
