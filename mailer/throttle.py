@@ -125,8 +125,9 @@ class Slot(NamedTuple):
     due: float  # the event loop's time at which the block was due to go
 
     def late(self) -> bool:
-        """Past its slot by more than LATE_S: sending now could overfill a window."""
-        return asyncio.get_running_loop().time() - self.due > LATE_S
+        """Past its slot by more than the burst held back for late sends (SLACK_S):
+        sending now could overfill a window."""
+        return asyncio.get_running_loop().time() - self.due > SLACK_S
 
 
 class Throttle:
