@@ -23,7 +23,8 @@ run. Variants that no longer apply to the current code say so and exit 3.
 - ``jobs3``, ``fastsubscribe``, ``httptools``, ``count``: see their docstrings.
 - ``chunk500``: claim 500 rows at a time instead of 200.
 - ``fasttoken``: the per-message unsubscribe URL and Message-ID from a precomputed HMAC
-  key (measures the itsdangerous cost).
+  key (measures the itsdangerous cost; in mailer as the ``u1`` token, so only useful on
+  commits before it).
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ headers into RFC 2047 encoded-words, which Gmail rejects in List-Unsubscribe.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 import secrets
@@ -32,6 +31,7 @@ from markupsafe import Markup, escape
 from mailer.config import Settings
 from mailer.models import Statement
 from mailer.statements import sanitize_html
+from mailer.tokens import purpose_mac
 from mailer.wire import (
     ADDRESS,
     CRLF,
@@ -61,29 +61,42 @@ PREVIEW_UNSUBSCRIBE_URL = "#unsubscribe-preview"
 def make_message_id(settings: Settings, blast_id: int | None, subscriber_id: int | None) -> str:
     """A blast's delivery gets the same Message-ID on every attempt, so a copy repeated
     after a worker crash can be deduplicated by the receiver (Gmail does); the HMAC
-    keeps subscriber ids private. Anything else gets a random one."""
+    (128 bits, under the Message-ID sub-key, docs/security.md) keeps subscriber ids
+    private. Anything else gets a random one."""
     domain = settings.sender_domain.encode("idna").decode()
     if blast_id is not None and subscriber_id is not None:
-        key = settings.signing_keys[-1].encode()
-        digest = hmac.new(key, f"msgid:{blast_id}:{subscriber_id}".encode(), hashlib.sha256)
-        return f"<b{blast_id}.{digest.hexdigest()[:24]}@{domain}>"
+        mac = _message_id_mac(settings.signing_keys[-1], blast_id, subscriber_id)
+        return f"<b{blast_id}.{mac}@{domain}>"
     return f"<{time.time_ns():x}.{secrets.token_hex(8)}@{domain}>"
 
 
-_BLAST_MESSAGE_ID = re.compile(r"<b(\d{1,18})\.([0-9a-f]{24})@[^<>\s]{1,255}>")
+def _message_id_mac(key: str, blast_id: int, subscriber_id: int) -> str:
+    message = f"msgid:{blast_id}:{subscriber_id}".encode()
+    return purpose_mac(key, "message-id")(message).hex()[:32]  # 128 bits
+
+
+def _legacy_message_id_mac(key: str, blast_id: int, subscriber_id: int) -> str:
+    """Message-IDs mailed before the sub-key: 96 bits under the secret key itself."""
+    message = f"msgid:{blast_id}:{subscriber_id}".encode()
+    return hmac.new(key.encode(), message, "sha256").hexdigest()[:24]
+
+
+# 32 hex digits: the current form; 24: mailed before it (their bounces still arrive).
+_BLAST_MESSAGE_ID = re.compile(r"<b(\d{1,18})\.([0-9a-f]{32}|[0-9a-f]{24})@[^<>\s]{1,255}>")
 
 
 def read_message_id(settings: Settings, message_id: str, subscriber_id: int) -> int | None:
-    """The blast id in a Message-ID made by :func:`make_message_id` for ``subscriber_id``,
-    or None unless its HMAC verifies (under any accepted key). The HMAC binds blast and
-    subscriber, so a bounce or complaint carrying it proves both."""
+    """The blast id in a Message-ID made by :func:`make_message_id` for ``subscriber_id``
+    (or by the code before it), or None unless its HMAC verifies (under any accepted
+    key). The HMAC binds blast and subscriber, so a bounce or complaint carrying it
+    proves both."""
     match = _BLAST_MESSAGE_ID.fullmatch(message_id.strip())
     if match is None:
         return None
-    blast_id, mac = int(match.group(1)), match.group(2)
+    blast_id, given = int(match.group(1)), match.group(2).encode()
+    expected = _message_id_mac if len(given) == 32 else _legacy_message_id_mac
     for key in settings.signing_keys:
-        digest = hmac.new(key.encode(), f"msgid:{blast_id}:{subscriber_id}".encode(), "sha256")
-        if hmac.compare_digest(digest.hexdigest()[:24], mac):
+        if hmac.compare_digest(expected(key, blast_id, subscriber_id).encode(), given):
             return blast_id
     return None
 

@@ -1,15 +1,23 @@
 """Signed, purpose-bound tokens for the links we mail out.
 
-Each purpose has its own salt, so a confirm token can never unsubscribe and an
-unsubscribe token can never confirm. Confirm tokens expire; unsubscribe tokens
-never do (an old newsletter must still let its reader leave). Keys rotate: old
-keys in ``MAILER_OLD_SECRET_KEYS`` still verify, new tokens use the current key.
+Each purpose has its own salt (itsdangerous) or its own derived sub-key (the bare
+HMACs below), so a confirm token can never unsubscribe and an unsubscribe token can
+never confirm. Confirm tokens expire; unsubscribe tokens never do (an old newsletter
+must still let its reader leave). Keys rotate: old keys in ``MAILER_OLD_SECRET_KEYS``
+still verify, new tokens use the current key.
+
+Unsubscribe links are made once per message of a blast, so they are a bare HMAC,
+``u1.ID.MAC`` (docs/security.md#unsubscribe-links-and-message-ids); the itsdangerous
+links mailed before it are still read, and keep working forever.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
+import hashlib
 import hmac
+import re
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -45,6 +53,41 @@ class BounceClaim:
     blast_id: int | None
 
 
+class Mac:
+    """HMAC-SHA256 under one purpose's sub-key of one secret key.
+
+    The sub-key, ``HMAC(key, "mailer PURPOSE v1")``, and the HMAC's padded key blocks are
+    computed once, here; a call copies that state and hashes only its message. A
+    different purpose is a different key, so no MAC made for one verifies for another."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self, key: str, purpose: str) -> None:
+        sub_key = hmac.digest(key.encode(), f"mailer {purpose} v1".encode(), "sha256")
+        self._state = hmac.new(sub_key, digestmod=hashlib.sha256)
+
+    def __call__(self, message: bytes) -> bytes:
+        state = self._state.copy()
+        state.update(message)
+        return state.digest()
+
+
+@functools.lru_cache(maxsize=32)
+def purpose_mac(key: str, purpose: str) -> Mac:
+    """The :class:`Mac` of ``key`` and ``purpose``, derived once per process."""
+    return Mac(key, purpose)
+
+
+UNSUBSCRIBE_PREFIX = "u1"  # the version; an itsdangerous token (base64 JSON) never starts so
+_UNSUBSCRIBE = re.compile(r"u1\.(0|[1-9][0-9]{0,17})\.([A-Za-z0-9_-]{22})")
+
+
+def _unsubscribe_mac(mac: Mac, subscriber_id: str) -> str:
+    """128 bits of HMAC-SHA256 in base64url without padding: 22 characters."""
+    digest = mac(b"unsubscribe:" + subscriber_id.encode())
+    return base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()
+
+
 def _verp_mac(key: str, parts: list[str]) -> str:
     message = ("verp2:" + ":".join(parts)).encode()
     digest = hmac.new(key.encode(), message, "sha256").digest()[:10]  # 80 bits
@@ -70,7 +113,10 @@ class Tokens:
     def __init__(self, keys: list[str], confirm_ttl_s: int) -> None:
         self._keys = keys
         self._ttl = confirm_ttl_s
-        self._unsubscribe = URLSafeSerializer(keys, salt=Purpose.unsubscribe.value)
+        # Old keys first, the current key last (Settings.signing_keys).
+        self._unsubscribe_macs = [purpose_mac(k, Purpose.unsubscribe.value) for k in keys]
+        # Links mailed before the bare HMAC: read forever, never made again.
+        self._legacy_unsubscribe = URLSafeSerializer(keys, salt=Purpose.unsubscribe.value)
 
     # Confirm --------------------------------------------------------------
 
@@ -121,15 +167,28 @@ class Tokens:
     # Unsubscribe ----------------------------------------------------------
 
     def unsubscribe(self, subscriber_id: int) -> str:
-        return self._unsubscribe.dumps(subscriber_id)
+        """``u1.ID.MAC``: made for every message of a blast, so one short HMAC and no JSON."""
+        sub = f"{subscriber_id:d}"
+        return f"{UNSUBSCRIBE_PREFIX}.{sub}.{_unsubscribe_mac(self._unsubscribe_macs[-1], sub)}"
 
     def read_unsubscribe(self, token: str) -> int:
+        """The subscriber of a ``u1`` token, or of an itsdangerous one mailed before it."""
+        invalid = TokenError("This unsubscribe link is not valid.")
+        if token.startswith(UNSUBSCRIBE_PREFIX + "."):
+            match = _UNSUBSCRIBE.fullmatch(token)
+            if match is None:
+                raise invalid
+            sub, given = match.group(1), match.group(2).encode()
+            for mac in reversed(self._unsubscribe_macs):  # the current key first: most use it
+                if hmac.compare_digest(_unsubscribe_mac(mac, sub).encode(), given):
+                    return int(sub)
+            raise invalid
         try:
-            value = self._unsubscribe.loads(token)
+            value = self._legacy_unsubscribe.loads(token)
         except BadData:
-            raise TokenError("This unsubscribe link is not valid.") from None
+            raise invalid from None
         if not isinstance(value, int) or isinstance(value, bool):
-            raise TokenError("This unsubscribe link is not valid.")
+            raise invalid
         return value
 
 
