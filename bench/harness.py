@@ -140,6 +140,7 @@ TARGETS = {
     "P6": "within 0.97–1.03, and ≤ 1.0",
     "P7": "≥ 1,000 req/s, p99 < 50 ms",
     "P8": "report (2.0 would be linear)",
+    "P1-SQLite": "≥ 0.15",
 }
 
 
@@ -431,12 +432,23 @@ async def figure_throughput(run: Run, sink: Sink) -> None:
     sizes = run.sizes
     db = f"mailer_bench_{run.stamp}_p1"
     url = await pg_create(db)
+    lite_path = OUT / f"p1-{run.stamp}.db"
     try:
         await seed_confirmed(url, sizes.p1_recipients)
         statement = await create_statement(url)
         queue = new_queue("p1")
         settings = base_settings(sizes, url, queue, sink.port)
         run.settings["P1–P3, P8 workers"] = settings
+        # P1 on SQLite: the same blast from a SQLite file (the default database).
+        from common import migrate
+
+        lite_url = f"sqlite+aiosqlite:///{lite_path}"
+        await migrate(lite_url)
+        await seed_confirmed(lite_url, sizes.p1_recipients)
+        lite_statement = await create_statement(lite_url)
+        lite_queue = new_queue("p1s")
+        lite_settings = base_settings(sizes, lite_url, lite_queue, sink.port)
+        run.settings["P1 on SQLite worker"] = lite_settings
         size = sample_message_size(settings)
         run.context["message_bytes"] = size
         run.command(f"{env_text(settings)} mailer worker")
@@ -453,6 +465,7 @@ async def figure_throughput(run: Run, sink: Sink) -> None:
                 "floor_cpu",
                 "cpu1",
                 "cpu2",
+                "lite",
             )
         }
         neighbours: list[dict[str, float]] = []
@@ -484,6 +497,16 @@ async def figure_throughput(run: Run, sink: Sink) -> None:
                 r[f"cpu{count}"].append(used["target"] / n * 1e6)
                 if count == 1:
                     neighbours.append(used)
+            before = sink.messages()
+            async with Workers(run, lite_settings, f"p1s-r{rep}") as workers:
+                async with Blaster(lite_settings) as blaster:
+                    result = await blaster.blast(
+                        lite_statement, timeout=600, log_tail=workers.log_tail
+                    )
+            if result.sent != n:
+                raise RuntimeError(f"SQLite blast sent {result.sent} of {n}")
+            sink.wait_for(before + n, timeout=30)
+            r["lite"].append(n / result.elapsed_s)
             peer = await asyncio.to_thread(
                 run_peer, run, url, sink, sizes.peer_recipients, sizes.smtp_connections
             )
@@ -494,11 +517,13 @@ async def figure_throughput(run: Run, sink: Sink) -> None:
                 f"P1-P3, P8 repeat {rep + 1}: smtp-source {src:,.0f}/s, floor "
                 f"{floor['rate']:,.0f}/s at {floor['cpu_us']:.0f} µs CPU/msg; mailer 1 worker "
                 f"{r['one'][-1]:,.0f}/s at {r['cpu1'][-1]:.0f} µs, 2 workers "
-                f"{r['two'][-1]:,.0f}/s at {r['cpu2'][-1]:.0f} µs; "
+                f"{r['two'][-1]:,.0f}/s at {r['cpu2'][-1]:.0f} µs; on SQLite "
+                f"{r['lite'][-1]:,.0f}/s; "
                 f"{peer_name} {peer['rate']:,.0f}/s"
             )
         ratios = {
             "P1": [a / b for a, b in zip(r["one"], r["source"], strict=True)],
+            "P1-SQLite": [a / b for a, b in zip(r["lite"], r["source"], strict=True)],
             "P2": [a / b for a, b in zip(r["one"], r["peer"], strict=True)],
             "P3": [a / b for a, b in zip(r["cpu1"], r["floor_cpu"], strict=True)],
             "P8": [a / b for a, b in zip(r["two"], r["one"], strict=True)],
@@ -512,6 +537,7 @@ async def figure_throughput(run: Run, sink: Sink) -> None:
         common_numbers = {
             "mailer_rate": spread(r["one"]),
             "mailer_rate_2_workers": spread(r["two"]),
+            "mailer_rate_sqlite": spread(r["lite"]),
             "smtp_source_rate": spread(r["source"]),
             "peer_rate": spread(r["peer"]),
             "peer_cpu_us_per_message": spread(r["peer_cpu"]),
@@ -531,6 +557,10 @@ async def figure_throughput(run: Run, sink: Sink) -> None:
               f"smtp-source {fmt_spread(spread(r['source']), ' msg/s', 0)} (20 sessions, "
               f"{sizes.source_messages:,} messages of {size:,} bytes)",
               f"sink: {sink.kind}"]),
+            ("P1-SQLite", "the same blast from SQLite (one worker) ÷ smtp-source's rate",
+             fmt_spread(sp["P1-SQLite"]), sp["P1-SQLite"]["median"] >= 0.15,
+             [f"mailer on SQLite {fmt_spread(spread(r['lite']), ' msg/s', 0)} "
+              f"({n:,} recipients, the same settings and sink)"]),
             ("P2", f"the same blast ÷ {peer_name or 'the peer'} (a new connection and message "
              "per recipient)", fmt_spread(sp["P2"]), sp["P2"]["median"] >= 8,
              [f"{peer_name} {fmt_spread(spread(r['peer']), ' msg/s', 0)} "
@@ -565,8 +595,10 @@ async def figure_throughput(run: Run, sink: Sink) -> None:
         if sizes.profile_seconds > 0 and missed:
             await profile_worker(run, sink, settings, statement)
         await clean_redis(queue)
+        await clean_redis(lite_queue)
     finally:
         await pg_drop(db)
+        lite_path.unlink(missing_ok=True)
 
 
 async def profile_worker(run: Run, sink: Sink, settings: dict[str, Any], statement: int) -> None:
@@ -1258,7 +1290,7 @@ async def machine_context(run: Run) -> None:
 
 # Main -----------------------------------------------------------------------------------
 
-FIGURES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8")
+FIGURES = ("P1", "P1-SQLite", "P2", "P3", "P4", "P5", "P6", "P7", "P8")
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -1288,7 +1320,8 @@ async def main(args: argparse.Namespace) -> int:
     sink = Sink(python=args.python_tools).start()
     run.context["sink"] = sink.kind
     run.command(sink.command.replace(str(sink.port), "PORT"))
-    steps.append(({"P1", "P2", "P3", "P8"}, lambda: figure_throughput(run, sink)))
+    throughput = {"P1", "P1-SQLite", "P2", "P3", "P8"}
+    steps.append((throughput, lambda: figure_throughput(run, sink)))
     steps.append(({"P4", "P5"}, lambda: figure_memory_and_start(run, sink)))
     steps.append(({"P6"}, lambda: figure_rate(run)))
     steps.append(({"P7"}, lambda: figure_subscribe(run)))

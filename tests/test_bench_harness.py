@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FIGURES = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8"]
+FIGURES = ["P1", "P1-SQLite", "P2", "P3", "P4", "P5", "P6", "P7", "P8"]
 
 
 def _numbers(value: object) -> list[float]:
