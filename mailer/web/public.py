@@ -191,18 +191,17 @@ async def subscribe(request: Request) -> Response:
         # sign-up and the mail it is owed; the job is queued after the commit, and the
         # reconciler queues it again if it is lost (mailer/confirmations.py).
         may_mail = await may_send_confirmation(ctx.runtime, email)
-        async with ctx.runtime.sessions() as session:
-            owed = await subscriptions.subscribe(
-                session,
-                email,
-                name,
-                origin,
-                resend_after_s=settings.confirm_resend_s,
-                source=source,
-                mail=may_mail,
-            )
+        owed = await subscriptions.subscribe(
+            ctx.runtime.engine,
+            email,
+            name,
+            origin,
+            resend_after_s=settings.confirm_resend_s,
+            source=source,
+            mail=may_mail,
+        )
         if owed is not None:
-            await confirmations.enqueue(ctx.runtime, ctx.queue, owed)
+            await confirmations.enqueue_owed(ctx.runtime, ctx.queue, owed)
 
     if as_json:
         return JSONResponse(ACCEPTED, 202)
