@@ -81,6 +81,15 @@ async def enqueue(runtime: Runtime, queue: Queue, owed: Owed, *, defer_s: float 
     await queue.confirmation(owed.subscriber_id, job_id(runtime, *owed), defer_s=defer_s)
 
 
+async def enqueue_owed(runtime: Runtime, queue: Queue, owed: Owed) -> None:
+    """Queue the job of a mail the caller has just owed (a sign-up): one Redis round trip.
+
+    The due time was set by this caller's own transaction, so no job of this id can be
+    alive yet and arq's check for one (WATCH, three round trips) is left out.
+    """
+    await queue.confirmations([(owed.subscriber_id, job_id(runtime, *owed))])
+
+
 async def requeue_due(runtime: Runtime, queue: Queue, limit: int = REQUEUE_LIMIT) -> int:
     """Queue every confirmation mail that is due and has no live job; how many were queued.
 

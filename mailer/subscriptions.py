@@ -13,19 +13,16 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import func, or_, select, update
-from sqlalchemy import insert as core_insert
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from mailer.db import utcnow
 from mailer.errors import Invalid
 from mailer.models import Subscriber, SubscriberEvent, SubscriberStatus
+from mailer.signup_statements import ASKED_AGAIN, CLAIM, EVENT, FIND, PG_SIGNUP, SQLITE_NEW
 from mailer.tokens import ConfirmClaim, TokenError
 
 MAX_EMAIL_LENGTH = 254
@@ -138,7 +135,7 @@ class Owed(NamedTuple):
 
 
 async def subscribe(
-    session: AsyncSession,
+    engine: AsyncEngine,
     email: str,
     name: str | None,
     origin: Origin,
@@ -153,107 +150,79 @@ async def subscribe(
     confirmed, a mail is owed already, or one went out less than ``resend_after_s`` ago
     (the cooldown that stops mail bombing a victim). An owed mail is sent by its job or,
     if that job is lost, by the reconciler (``mailer/confirmations.py``).
+
+    Core statements built once (``mailer/signup_statements.py``) on a plain connection,
+    no ORM session: a new address is one statement on PostgreSQL (one round trip, its own
+    transaction) and one short ``BEGIN IMMEDIATE`` transaction on SQLite; a known address
+    takes one transaction (docs/design.md, "The sign-up request").
     """
+    now = utcnow()
+    values = {
+        "p_email": email,
+        "p_name": name,
+        "p_now": now,
+        "p_due": now if mail else None,
+        "p_ip": origin.ip,
+        "p_ua": (origin.user_agent or "")[:512] or None,
+        "p_detail": _with_source(None, source),
+    }
     for _attempt in range(2):
-        try:
-            return await _subscribe_once(session, email, name, origin, resend_after_s, source, mail)
-        except IntegrityError:  # a concurrent sign-up of the same address won the insert
-            await session.rollback()
+        if (new_id := await _insert_new(engine, values)) is not None:
+            return Owed(new_id, now) if mail else None
+        async with engine.begin() as conn:
+            found, owed = await _known(conn, values, source, mail, resend_after_s)
+        if found:
+            return owed
+        # The row was erased between the two: insert again.
     raise RuntimeError("could not record sign-up")  # pragma: no cover
 
 
-async def _insert_new(
-    session: AsyncSession,
-    email: str,
-    name: str | None,
-    origin: Origin,
-    now: datetime,
+async def _insert_new(engine: AsyncEngine, values: dict[str, Any]) -> int | None:
+    """The common case, a new address: its id, or None if the address exists."""
+    if engine.dialect.name == "postgresql":
+        async with engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")  # one statement
+            sub_id = (await conn.execute(PG_SIGNUP, values)).scalar()
+    else:
+        async with engine.begin() as conn:
+            sub_id = (await conn.execute(SQLITE_NEW, values)).scalar()
+            if sub_id is not None:
+                await conn.execute(EVENT, {**values, "p_sid": sub_id, "p_kind": "signup"})
+    return None if sub_id is None else int(sub_id)
+
+
+async def _known(
+    conn: AsyncConnection,
+    values: dict[str, Any],
     source: str | None,
     mail: bool,
-) -> int | None:
-    """The common case, a new address, in two statements: the id, or None if it exists.
-
-    The ORM path (select, insert, flush, insert, update) cost about 3 ms of CPU per
-    sign-up; this halves it (docs/benchmarks.md, P7).
-    """
-    dialect = session.get_bind().dialect.name
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    stmt = (
-        insert(Subscriber)
-        .values(
-            email=email,
-            name=name,
-            status=SubscriberStatus.pending,
-            created_at=now,
-            updated_at=now,
-            confirm_due_at=now if mail else None,
-        )
-        .on_conflict_do_nothing(index_elements=["email"])
-        .returning(Subscriber.id)
-    )
-    sub_id = await session.scalar(stmt)
-    if sub_id is None:
-        return None
-    event = origin.event(sub_id, "signup")
-    await session.execute(
-        core_insert(SubscriberEvent).values(
-            subscriber_id=sub_id,
-            kind=event.kind,
-            at=now,
-            ip=event.ip,
-            user_agent=event.user_agent,
-            detail=_with_source(None, source),
-        )
-    )
-    await session.commit()
-    return int(sub_id)
-
-
-async def _subscribe_once(
-    session: AsyncSession,
-    email: str,
-    name: str | None,
-    origin: Origin,
     resend_after_s: int,
-    source: str | None,
-    mail: bool,
-) -> Owed | None:
-    now = utcnow()
-    if (new_id := await _insert_new(session, email, name, origin, now, source, mail)) is not None:
-        return Owed(new_id, now) if mail else None
-    sub = await session.scalar(select(Subscriber).where(Subscriber.email == email))
-    if sub is None:
-        sub = Subscriber(email=email, name=name, status=SubscriberStatus.pending)
-        session.add(sub)
-        await session.flush()
-        session.add(origin.event(sub.id, "signup", _with_source(None, source)))
-    elif sub.status == SubscriberStatus.confirmed:
-        session.add(
-            origin.event(sub.id, "signup_repeat", _with_source("already confirmed", source))
-        )
-        await session.commit()
-        return None
-    elif sub.status in LEFT:
+) -> tuple[bool, Owed | None]:
+    """A sign-up of an address we have: (whether the row was there, the mail it is owed)."""
+    row = (await conn.execute(FIND, values)).first()
+    if row is None:
+        return False, None
+    sub_id, status = int(row[0]), row[1]
+    event = {**values, "p_sid": sub_id}
+    if status == SubscriberStatus.confirmed:
+        detail = _with_source("already confirmed", source)
+        await conn.execute(EVENT, {**event, "p_kind": "signup_repeat", "p_detail": detail})
+        return True, None
+    if status in LEFT:
         # Anyone can type an address: the row stays as its owner left it (and keeps its
         # name); the request waits for the owner's own click on the mailed link.
-        sub.resubscribe_requested_at = now
-        detail = f"again after {sub.status}; stays {sub.status} until confirmed"
-        session.add(origin.event(sub.id, "signup", _with_source(detail, source)))
+        await conn.execute(ASKED_AGAIN, event)
+        detail = _with_source(f"again after {status}; stays {status} until confirmed", source)
+        await conn.execute(EVENT, {**event, "p_kind": "signup", "p_detail": detail})
     else:
-        session.add(origin.event(sub.id, "signup_repeat", _with_source("pending", source)))
-    sub_id = sub.id
+        detail = _with_source("pending", source)
+        await conn.execute(EVENT, {**event, "p_kind": "signup_repeat", "p_detail": detail})
     if not mail:
-        await session.commit()
-        return None
+        return True, None
+    now = values["p_now"]
     cutoff = now - timedelta(seconds=resend_after_s)
-    claimed = await session.execute(
-        update(Subscriber)
-        .where(Subscriber.id == sub_id, Subscriber.confirm_due_at.is_(None))
-        .where(or_(Subscriber.confirm_sent_at.is_(None), Subscriber.confirm_sent_at < cutoff))
-        .values(confirm_due_at=now, confirm_attempts=0)
-    )
-    await session.commit()
-    return Owed(sub_id, now) if claimed.rowcount == 1 else None  # type: ignore[attr-defined]
+    claimed = await conn.execute(CLAIM, {**event, "p_cutoff": cutoff})
+    return True, (Owed(sub_id, now) if claimed.rowcount == 1 else None)
 
 
 def left_at(sub: Subscriber) -> datetime | None:

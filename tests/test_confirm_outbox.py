@@ -72,8 +72,7 @@ async def test_a_sign_up_whose_process_died_before_the_enqueue_is_mailed_once(
     # The web process committed the sign-up and died before it queued the job.
     engine = make_engine(settings.database_url)
     try:
-        async with make_sessionmaker(engine)() as session:
-            due = await subscribe(session, "late@example.com", None, Origin(), resend_after_s=3600)
+        due = await subscribe(engine, "late@example.com", None, Origin(), resend_after_s=3600)
     finally:
         await engine.dispose()
     assert due is not None and await queued(redis, settings) == 0

@@ -43,6 +43,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "statements",
         "render",
         "subscriptions",
+        "signup_statements",
         "editors",
         "admin_sessions",
         "privacy",

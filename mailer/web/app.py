@@ -25,9 +25,9 @@ from mailer.render import Renderer
 from mailer.runtime import Runtime
 from mailer.web import admin, api, api_bounces, ops, public, site_form, webhooks
 from mailer.web.context import AppContext
-from mailer.web.cors import SiteFormCors, site_origins
+from mailer.web.cors import site_origins
 from mailer.web.deps import ApiError
-from mailer.web.guards import BodyLimit, SecurityHeaders, security_headers
+from mailer.web.guards import Guards, security_headers
 
 STATIC = Path(__file__).resolve().parent / "static"
 # FastAPI's words for a body it could not decode (not UTF-8, nested too deep).
@@ -54,10 +54,14 @@ def create_app(settings: Settings) -> FastAPI:
     # forbids. The OpenAPI document itself stays at /openapi.json.
     app = FastAPI(title="mailer", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
-    # Added last runs first: headers go on every answer, the 413 included.
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(SecurityHeaders, headers=security_headers(settings.base_url))
-    app.add_middleware(SiteFormCors, origins=sorted(site_origins(settings)))
+    # One middleware for the form's CORS, the body limit and the security headers (one
+    # wrapped send per request, not three): mailer/web/guards.py.
+    app.add_middleware(
+        Guards,
+        limit=settings.max_body_bytes,
+        headers=security_headers(settings.base_url),
+        origins=sorted(site_origins(settings)),
+    )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

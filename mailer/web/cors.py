@@ -15,10 +15,9 @@ through: it names no site to refuse (docs/site-form.md).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Scope, Send
 
 from mailer.config import Settings
 from mailer.config_values import web_origin
@@ -45,78 +44,69 @@ def site_redirect(settings: Settings, value: object) -> str | None:
     return value
 
 
-def _vary(headers: MutableHeaders) -> None:
+def add_cors(message: Message, origin: str | None) -> None:
+    """The CORS headers of an answer on a form path: the allowed ``origin`` echoed (None:
+    not allowed, none given) and ``Vary: Origin``."""
+    headers = MutableHeaders(scope=message)
+    if origin:
+        headers["access-control-allow-origin"] = origin
     current = [v.strip() for v in headers.get("vary", "").split(",") if v.strip()]
     if "origin" not in (v.lower() for v in current):
         headers["vary"] = ", ".join([*current, "Origin"])
 
 
-class SiteFormCors:
-    """ASGI middleware for the form's paths only; everything else passes untouched."""
+async def check_origin(
+    origins: frozenset[str], scope: Scope, send: Send
+) -> tuple[bool, str | None]:
+    """Before a form path's request reaches the app: (answered, the origin to echo).
+    A preflight is answered here, and so is a POST from a site not allowed (403);
+    otherwise the allowed origin, or None when there is none to echo."""
+    headers = Headers(scope=scope)
+    origin = headers.get("origin")
+    allowed = origin is not None and origin.lower() in origins
+    method = scope["method"]
+    if method == "OPTIONS":
+        await _preflight(send, origin if allowed else None)
+        return True, None
+    if method == "POST" and origin and origin != "null" and not allowed:
+        await _refuse(send, origin, headers)
+        return True, None
+    return False, origin if allowed else None
 
-    def __init__(self, app: ASGIApp, origins: Sequence[str]) -> None:
-        self.app = app
-        self.origins = frozenset(origins)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in FORM_PATHS:
-            await self.app(scope, receive, send)
-            return
-        headers = Headers(scope=scope)
-        origin = headers.get("origin")
-        allowed = origin is not None and origin.lower() in self.origins
-        method = scope["method"]
-        if method == "OPTIONS":
-            await self._preflight(send, origin if allowed else None)
-            return
-        if method == "POST" and origin and origin != "null" and not allowed:
-            await self._refuse(send, origin, headers)
-            return
+async def _preflight(send: Send, origin: str | None) -> None:
+    """204 with the CORS answer for an allowed origin; 403 without it for any other."""
+    headers = [(b"vary", b"Origin"), (b"allow", b"GET, POST, OPTIONS")]
+    if origin is not None:
+        headers += [
+            (b"access-control-allow-origin", origin.encode()),
+            (b"access-control-allow-methods", b"POST"),
+            (b"access-control-allow-headers", b"Content-Type, Accept"),
+            (b"access-control-max-age", str(PREFLIGHT_MAX_AGE_S).encode()),
+        ]
+    status = 204 if origin is not None else 403
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
 
-        async def with_cors(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                out = MutableHeaders(scope=message)
-                if allowed and origin:
-                    out["access-control-allow-origin"] = origin
-                _vary(out)
-            await send(message)
 
-        await self.app(scope, receive, with_cors)
-
-    async def _preflight(self, send: Send, origin: str | None) -> None:
-        """204 with the CORS answer for an allowed origin; 403 without it for any other."""
-        headers = [(b"vary", b"Origin"), (b"allow", b"GET, POST, OPTIONS")]
-        if origin is not None:
-            headers += [
-                (b"access-control-allow-origin", origin.encode()),
-                (b"access-control-allow-methods", b"POST"),
-                (b"access-control-allow-headers", b"Content-Type, Accept"),
-                (b"access-control-max-age", str(PREFLIGHT_MAX_AGE_S).encode()),
-            ]
-        status = 204 if origin is not None else 403
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": b""})
-
-    async def _refuse(self, send: Send, origin: str, headers: Headers) -> None:
-        shown = origin[:200].encode("ascii", "replace").decode()
-        message = f"This form cannot be posted from {shown}: that site is not allowed."
-        wants_json = "application/json" in (
-            headers.get("accept", "") + headers.get("content-type", "")
-        )
-        if wants_json:
-            body, ctype = json.dumps({"detail": message}).encode(), b"application/json"
-        else:
-            body, ctype = message.encode(), b"text/plain; charset=utf-8"
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 403,
-                "headers": [
-                    (b"content-type", ctype),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"vary", b"Origin"),
-                    (b"x-content-type-options", b"nosniff"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+async def _refuse(send: Send, origin: str, headers: Headers) -> None:
+    shown = origin[:200].encode("ascii", "replace").decode()
+    message = f"This form cannot be posted from {shown}: that site is not allowed."
+    wants_json = "application/json" in (headers.get("accept", "") + headers.get("content-type", ""))
+    if wants_json:
+        body, ctype = json.dumps({"detail": message}).encode(), b"application/json"
+    else:
+        body, ctype = message.encode(), b"text/plain; charset=utf-8"
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 403,
+            "headers": [
+                (b"content-type", ctype),
+                (b"content-length", str(len(body)).encode()),
+                (b"vary", b"Origin"),
+                (b"x-content-type-options", b"nosniff"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,4 +1,4 @@
-"""Pure ASGI middleware that every request passes: the body-size limit and security headers.
+"""Pure ASGI middleware that every request passes: form CORS, body-size limit, security headers.
 
 Pure ASGI rather than ``@app.middleware("http")`` because the limit must count the
 bytes as they arrive: a chunked request has no Content-Length to check up front.
@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mailer.web.cors import FORM_PATHS, add_cors, check_origin
 
 
 def csp(*, frame_ancestors: str = "'none'") -> str:
@@ -48,28 +51,6 @@ def security_headers(base_url: str) -> dict[str, str]:
     return headers
 
 
-class SecurityHeaders:
-    """Adds the headers to every response that does not set its own (sandboxed previews)."""
-
-    def __init__(self, app: ASGIApp, headers: dict[str, str]) -> None:
-        self.app = app
-        self.headers = headers
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in self.headers.items():
-                    headers.setdefault(name, value)
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
 # After a 413, read on for at most this many times the limit or this long, whichever
 # comes first. Time is the real bound: a client on the same network sends 8 MB in
 # milliseconds, so a small byte budget closed the line while the 413 was still unread,
@@ -85,19 +66,42 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body larger than {limit} bytes")
 
 
-class BodyLimit:
-    """Answers 413 to a request body over ``limit`` bytes, declared or not.
+class Guards:
+    """The one middleware: the sign-up form's CORS, the body-size limit, security headers.
 
-    A Content-Length over the limit is refused before anything is read. Otherwise
-    the bytes are counted as the app receives them; past the limit ``receive``
-    raises, and whatever the app makes of that, the client gets the 413 and the
-    app's own answer is dropped. Nothing the app does after a failed read (it
-    cannot have the whole body) can reach SQL first: handlers read before writing.
+    One layer instead of three (each wrapped ``send`` once more on every request):
+
+    - On the form's paths (``mailer/web/cors.py``) a preflight is answered and a POST
+      from a site not allowed is refused before anything else, as they were when CORS
+      was the outermost layer; every other answer there gets the CORS headers.
+    - A body over ``limit`` bytes gets 413, declared or not. A Content-Length over the
+      limit is refused before anything is read. Otherwise the bytes are counted as the
+      app receives them; past the limit ``receive`` raises, and whatever the app makes of
+      that, the client gets the 413 and the app's own answer is dropped. Nothing the app
+      does after a failed read (it cannot have the whole body) can reach SQL first:
+      handlers read before writing.
+    - Every answer that does not set them itself (sandboxed previews) gets the security
+      headers, the 413 included.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, limit: int, headers: dict[str, str], origins: Iterable[str]
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.headers = [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
+        ]
+        self.origins = frozenset(origins)
+
+    def _decorate(self, message: Message, form: bool, origin: str | None) -> None:
+        """Add the security headers the answer lacks (and on a form path, the CORS ones)."""
+        headers = list(message.get("headers", ()))
+        present = {name.lower() for name, _ in headers}
+        headers += [item for item in self.headers if item[0] not in present]
+        message["headers"] = headers
+        if form:
+            add_cors(message, origin)
 
     async def _refuse(self, send: Send) -> None:
         body = json.dumps({"detail": f"request body larger than {self.limit} bytes"}).encode()
@@ -118,9 +122,21 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        form = scope["path"] in FORM_PATHS
+        origin = None
+        if form:
+            answered, origin = await check_origin(self.origins, scope, send)
+            if answered:
+                return
+
+        async def decorated_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self._decorate(message, form, origin)
+            await send(message)
+
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await self._refuse(send)
+            await self._refuse(decorated_send)
             return
 
         received = 0
@@ -145,6 +161,7 @@ class BodyLimit:
                 return  # the app's answer to a body it could not read: the 413 replaces it
             if message["type"] == "http.response.start":
                 started = True
+                self._decorate(message, form, origin)
             await send(message)
 
         try:
@@ -153,7 +170,7 @@ class BodyLimit:
             if not over or started:
                 raise
         if over and not started:
-            await self._refuse(send)
+            await self._refuse(decorated_send)
             await self._drain(receive)
 
     async def _drain(self, receive: Receive) -> None:

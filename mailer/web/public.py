@@ -9,7 +9,6 @@ every valid address, so the form cannot be used to probe who is subscribed.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -17,7 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 
 from mailer import confirmations, subscriptions
 from mailer.models import Subscriber
-from mailer.signup_guard import may_send_confirmation
+from mailer.signup_guard import admit
 from mailer.subscriptions import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH, InvalidInput, Origin
 from mailer.tokens import TokenError
 from mailer.web.context import AppContext, client_ip, get_ctx, rate_limit_key, wants_json
@@ -136,36 +135,21 @@ async def _read_form(request: Request) -> dict[str, Any]:
     return {k: v for k, v in form.items() if isinstance(v, str)}
 
 
-async def _over_ip_limit(ctx: AppContext, ip: str) -> int:
-    """Fixed one-minute windows per client IP; returns seconds to wait, 0 when allowed."""
-    now = time.time()
-    window = int(now // 60)
-    key = ctx.runtime.keys.subscribe_ip(rate_limit_key(ip), window)
-    async with ctx.runtime.redis.pipeline(transaction=True) as pipe:
-        pipe.incr(key)
-        pipe.expire(key, 120)
-        count, _ = await pipe.execute()
-    if int(count) > ctx.runtime.settings.subscribe_limit_per_minute:
-        return max(1, int((window + 1) * 60 - now) + 1)
-    return 0
-
-
 @router.post("/subscribe", status_code=202, **SIGNUP_DOC)
 async def subscribe(request: Request) -> Response:
     ctx = get_ctx(request)
     settings = ctx.runtime.settings
     as_json = wants_json(request)
     origin = _origin(ctx, request, "web form")
+    ip_key = rate_limit_key(origin.ip or "unknown")
 
-    wait = await _over_ip_limit(ctx, origin.ip or "unknown")
-    if wait:
-        message = "Too many sign-ups from your network. Please try again in a minute."
-        headers = {"Retry-After": str(wait)}
-        if as_json:
-            return JSONResponse({"detail": message}, 429, headers=headers)
-        return _page(ctx, request, "subscribe.html", 429, error=message, headers=headers)
-
+    # The body is read (at most MAILER_MAX_BODY_BYTES) before the limits are asked, so
+    # that one Redis call counts the IP and, for a valid address, claims its cooldown
+    # and domain slot (mailer/signup_guard.py). What the visitor gets is decided in the
+    # old order: over the per-IP limit is a 429 whatever the body, then a bad input 422.
     data: dict[str, Any] = {}
+    error: InvalidInput | None = None
+    email, name, source = "", None, None
     try:
         data = await _read_form(request)
         email = subscriptions.normalize_email(data.get("email"))
@@ -174,35 +158,48 @@ async def subscribe(request: Request) -> Response:
         if not isinstance(data.get("redirect", ""), str | None):
             raise InvalidInput("redirect", "must be a string")
     except InvalidInput as exc:
+        error = exc
+    except Exception:  # the body could not be read (413, a client gone): it still counts
+        await admit(ctx.runtime, ip_key, None)
+        raise
+    # The honeypot (``website``): people never see or fill it, and it gets no mail.
+    wanted = error is None and not data.get("website")
+    admission = await admit(ctx.runtime, ip_key, email if wanted else None)
+
+    if admission.wait:
+        message = "Too many sign-ups from your network. Please try again in a minute."
+        headers = {"Retry-After": str(admission.wait)}
         if as_json:
-            return JSONResponse({"detail": str(exc), "field": exc.field}, 422)
+            return JSONResponse({"detail": message}, 429, headers=headers)
+        return _page(ctx, request, "subscribe.html", 429, error=message, headers=headers)
+    if error is not None:
+        if as_json:
+            return JSONResponse({"detail": str(error), "field": error.field}, 422)
         typed = data.get("email")
         return _page(
             ctx,
             request,
             "subscribe.html",
             422,
-            error=str(exc),
+            error=str(error),
             email=typed if isinstance(typed, str) else "",
         )
 
-    if not data.get("website"):  # the honeypot: people never see or fill it
-        # The limits in Redis decide first, so that SQL records in one transaction the
+    if wanted:
+        # The limits in Redis decided first, so that SQL records in one transaction the
         # sign-up and the mail it is owed; the job is queued after the commit, and the
         # reconciler queues it again if it is lost (mailer/confirmations.py).
-        may_mail = await may_send_confirmation(ctx.runtime, email)
-        async with ctx.runtime.sessions() as session:
-            owed = await subscriptions.subscribe(
-                session,
-                email,
-                name,
-                origin,
-                resend_after_s=settings.confirm_resend_s,
-                source=source,
-                mail=may_mail,
-            )
+        owed = await subscriptions.subscribe(
+            ctx.runtime.engine,
+            email,
+            name,
+            origin,
+            resend_after_s=settings.confirm_resend_s,
+            source=source,
+            mail=admission.mail,
+        )
         if owed is not None:
-            await confirmations.enqueue(ctx.runtime, ctx.queue, owed)
+            await confirmations.enqueue_owed(ctx.runtime, ctx.queue, owed)
 
     if as_json:
         return JSONResponse(ACCEPTED, 202)
