@@ -82,7 +82,7 @@ def _legacy_message_id_mac(key: str, blast_id: int, subscriber_id: int) -> str:
 
 
 # 32 hex digits: the current form; 24: mailed before it (their bounces still arrive).
-_BLAST_MESSAGE_ID = re.compile(r"<b(\d{1,18})\.([0-9a-f]{32}|[0-9a-f]{24})@[^<>\s]{1,255}>")
+BLAST_MESSAGE_ID = re.compile(r"<b(\d{1,18})\.([0-9a-f]{32}|[0-9a-f]{24})@[^<>\s]{1,255}>")
 
 
 def read_message_id(settings: Settings, message_id: str, subscriber_id: int) -> int | None:
@@ -90,7 +90,7 @@ def read_message_id(settings: Settings, message_id: str, subscriber_id: int) -> 
     (or by the code before it), or None unless its HMAC verifies (under any accepted
     key). The HMAC binds blast and subscriber, so a bounce or complaint carrying it
     proves both."""
-    match = _BLAST_MESSAGE_ID.fullmatch(message_id.strip())
+    match = BLAST_MESSAGE_ID.fullmatch(message_id.strip())
     if match is None:
         return None
     blast_id, given = int(match.group(1)), match.group(2).encode()

@@ -31,6 +31,7 @@ from mailer.bounces.providers import common
 from mailer.bounces.providers.common import Received, Rejected, Reported, text
 from mailer.config import Settings
 from mailer.models import BounceKind
+from mailer.render import BLAST_MESSAGE_ID
 
 PROVIDER = "postmark"
 MAX_BYTES = 512 * 1024  # one record; its Content (the bounce itself) is the large part
@@ -52,7 +53,6 @@ SKIPPED = {"Delivery", "Open", "Click", "SubscriptionChange"}
 _HEADER = r"^{name}:[ \t]*((?:.*)(?:\r?\n[ \t]+.*)*)"
 _MESSAGE_ID = re.compile(_HEADER.format(name="Message-ID"), re.I | re.M)
 _LIST_UNSUBSCRIBE = re.compile(_HEADER.format(name="List-Unsubscribe"), re.I | re.M)
-_OURS = re.compile(r"<b\d{1,18}\.[0-9a-f]{24}@[^<>\s]{1,255}>")
 
 
 def authenticate(settings: Settings, authorization: str | None) -> None:
@@ -129,7 +129,7 @@ def _event(record: Mapping[str, object], kind: BounceKind, what: str, size: int)
 def _ours(content: str) -> str | None:
     """Our Message-ID among those in the bounce content (the bounce has its own first)."""
     for match in _MESSAGE_ID.finditer(content):
-        found = _OURS.search(match.group(1))
+        found = BLAST_MESSAGE_ID.search(match.group(1))
         if found:
             return found.group(0)
     return None
