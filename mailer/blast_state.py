@@ -120,12 +120,12 @@ async def count_policy_failures(
     Runs in the recorder's transaction, so the count and the pause commit with the
     outcomes that caused them.
     """
-    await session.execute(
+    failures = await session.scalar(
         update(Blast)
         .where(Blast.id == blast_id)
         .values(policy_failures=Blast.policy_failures + count)
+        .returning(Blast.policy_failures)
     )
-    failures = await session.scalar(select(Blast.policy_failures).where(Blast.id == blast_id))
     if failures is None or failures < limit:
         return None
     code, error = last

@@ -1,9 +1,10 @@
 """Record outcomes: the last stage of a message's path, written in bulk.
 
 Sent, skipped, failed or to-retry, every outcome ends here. Writes are batched
-(one UPDATE per status per flush), because a row per message per statement
-would cap throughput; the price is that a crash can repeat what sat in the
-buffer, which is why the buffer is small and shared per process.
+(one UPDATE per status per flush, in one transaction: docs/recording.md), because
+a row per message per statement would cap throughput; the price is that a crash
+can repeat what sat in the buffer, which is why the buffer is small and shared
+per process.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import BindParameter, Executable, bindparam, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from mailer.blast_state import count_policy_failures
-from mailer.bounces import apply_events, send_event
+from mailer.bounces import BounceEvent, apply_events, send_event
 from mailer.db import utcnow
 from mailer.models import Delivery, DeliveryStatus
 from mailer.runtime import Runtime
@@ -94,70 +96,56 @@ class Recorder:
     async def _write(self, batch: list[Outcome]) -> None:
         now = utcnow()
         blasts = sorted({o.blast_id for o in batch})
-        by_status: dict[str, list[int]] = {}
+        by_status: dict[str, list[Outcome]] = {}
         for o in batch:
-            by_status.setdefault(o.status, []).append(o.delivery_id)
+            by_status.setdefault(o.status, []).append(o)
         policy = [o for o in batch if o.policy]
         # Permanent refusals during the transaction are bounce events (docs/bounces.md).
         refused = [send_event(o.blast_id, o.subscriber_id, o.code, o.error)
                    for o in batch if o.status == "failed" and o.code is not None]  # fmt: skip
-        async with self.runtime.sessions() as session:
-            if ids := by_status.get(OutcomeStatus.sent):
-                await session.execute(
-                    update(Delivery)
-                    .where(Delivery.id.in_(ids))
-                    .values(
-                        status=DeliveryStatus.sent,
-                        sent_at=now,
-                        lease_until=None,
-                        attempts=Delivery.attempts + 1,
-                    )
-                )
-            if ids := by_status.get(OutcomeStatus.skipped):
-                await session.execute(
-                    update(Delivery)
-                    .where(Delivery.id.in_(ids))
-                    .values(status=DeliveryStatus.skipped, lease_until=None)
-                )
-            for o in batch:
-                if o.status == OutcomeStatus.failed:
-                    values: dict[str, Any] = {
-                        "status": DeliveryStatus.failed,
-                        "attempts": Delivery.attempts + (0 if o.code is None else 1),
-                    }
-                elif o.status == OutcomeStatus.retry:
-                    values = {
-                        "status": DeliveryStatus.pending,
-                        "next_attempt_at": o.next_attempt_at,
-                        "attempts": Delivery.attempts + 1,
-                    }
-                else:
-                    continue
-                values.update(lease_until=None, last_code=o.code, last_error=(o.error or "")[:500])
-                await session.execute(
-                    update(Delivery).where(Delivery.id == o.delivery_id).values(**values)
-                )
-            applied = await apply_events(session, self.runtime.settings, refused, now)
-            for event, result in zip(refused, applied, strict=True):
-                if result.paused and event.blast_id is not None:
-                    self.paused[event.blast_id] = result.paused
-            for blast_id in blasts:
-                rejected = [o for o in policy if o.blast_id == blast_id]
-                if rejected:
-                    last = rejected[-1]
-                    reason = await count_policy_failures(
-                        session,
-                        blast_id,
-                        len(rejected),
-                        (last.code, last.error),
-                        self.runtime.settings.policy_failures_pause,
-                    )
-                    if reason is not None:
-                        self.paused[blast_id] = reason
-            await session.commit()
-        counts = {s: len(ids) for s, ids in by_status.items()}
+        # One transaction on a plain connection: at most one statement per outcome kind,
+        # whatever the number of rows (docs/recording.md). An ORM session joins the same
+        # transaction only for what needs one: bounce events and policy counts.
+        async with self.runtime.engine.begin() as conn:
+            for statement, params in _delivery_updates(by_status, now):
+                await conn.execute(statement, params or None)
+            if refused or policy:
+                session = AsyncSession(bind=conn)
+                try:
+                    await self._refusals(session, blasts, refused, policy, now)
+                    await session.flush()
+                finally:
+                    await session.close()  # leaves the connection's transaction alone
+        counts = {s: len(rows) for s, rows in by_status.items()}
         await self._count_in_redis(counts, batch)
         self._warn_failures(batch)
+
+    async def _refusals(
+        self,
+        session: AsyncSession,
+        blasts: list[int],
+        refused: list[BounceEvent],
+        policy: list[Outcome],
+        now: datetime,
+    ) -> None:
+        """Bounce events and policy counts, in the flush's transaction; note the pauses."""
+        applied = await apply_events(session, self.runtime.settings, refused, now)
+        for event, result in zip(refused, applied, strict=True):
+            if result.paused and event.blast_id is not None:
+                self.paused[event.blast_id] = result.paused
+        for blast_id in blasts:
+            rejected = [o for o in policy if o.blast_id == blast_id]
+            if rejected:
+                last = rejected[-1]
+                reason = await count_policy_failures(
+                    session,
+                    blast_id,
+                    len(rejected),
+                    (last.code, last.error),
+                    self.runtime.settings.policy_failures_pause,
+                )
+                if reason is not None:
+                    self.paused[blast_id] = reason
 
     async def _count_in_redis(self, counts: dict[str, int], batch: list[Outcome]) -> None:
         """Process-independent counters, summed across every worker, for /metrics."""
@@ -190,3 +178,73 @@ class Recorder:
                 code if code is not None else "none",
                 extra={"blast_id": blast_id, "outcome": status, "count": n, "code": code},
             )
+
+
+_ID: BindParameter[int] = bindparam("b_id", type_=Delivery.id.type)
+
+
+def _delivery_updates(
+    by_status: dict[str, list[Outcome]], now: datetime
+) -> list[tuple[Executable, list[dict[str, Any]]]]:
+    """The flush's writes to ``deliveries``: one statement per outcome kind present.
+
+    Sent and skipped rows share their values (one UPDATE … WHERE id IN); failed and retry
+    rows each carry their own code, error and next attempt (one UPDATE by primary key,
+    executed once with every row's parameters: an executemany, one round trip). The
+    columns written per kind are exactly those of the row-at-a-time version before it.
+    """
+    out: list[tuple[Executable, list[dict[str, Any]]]] = []
+    if rows := by_status.get(OutcomeStatus.sent):
+        out.append((
+            update(Delivery)
+            .where(Delivery.id.in_([o.delivery_id for o in rows]))
+            .values(
+                status=DeliveryStatus.sent,
+                sent_at=now,
+                lease_until=None,
+                attempts=Delivery.attempts + 1,
+            ),
+            [],
+        ))  # fmt: skip
+    if rows := by_status.get(OutcomeStatus.skipped):
+        out.append((
+            update(Delivery)
+            .where(Delivery.id.in_([o.delivery_id for o in rows]))
+            .values(status=DeliveryStatus.skipped, lease_until=None),
+            [],
+        ))  # fmt: skip
+    if rows := by_status.get(OutcomeStatus.failed):
+        out.append((
+            update(Delivery)
+            .where(Delivery.id == _ID)
+            .values(
+                status=DeliveryStatus.failed,
+                attempts=Delivery.attempts + bindparam("b_tried"),
+                lease_until=None,
+                last_code=bindparam("b_code"),
+                last_error=bindparam("b_error"),
+            ),
+            [
+                {"b_id": o.delivery_id, "b_tried": 0 if o.code is None else 1, **_last(o)}
+                for o in rows
+            ],
+        ))  # fmt: skip
+    if rows := by_status.get(OutcomeStatus.retry):
+        out.append((
+            update(Delivery)
+            .where(Delivery.id == _ID)
+            .values(
+                status=DeliveryStatus.pending,
+                next_attempt_at=bindparam("b_next", type_=Delivery.next_attempt_at.type),
+                attempts=Delivery.attempts + 1,
+                lease_until=None,
+                last_code=bindparam("b_code"),
+                last_error=bindparam("b_error"),
+            ),
+            [{"b_id": o.delivery_id, "b_next": o.next_attempt_at, **_last(o)} for o in rows],
+        ))  # fmt: skip
+    return out
+
+
+def _last(o: Outcome) -> dict[str, Any]:
+    return {"b_code": o.code, "b_error": (o.error or "")[:500]}

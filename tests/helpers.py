@@ -412,3 +412,53 @@ def mailer(settings: Settings, *args: str, **env: str) -> subprocess.CompletedPr
 
 
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+async def sending_blast(settings: Settings, emails: list[str]) -> tuple[int, dict[str, int]]:
+    """A blast already sending to ``emails`` (subscribers that exist), every delivery row
+    claimed (status 'sending', under a lease) as a batch holds them: the blast's id and
+    each address's delivery id."""
+    from datetime import timedelta
+
+    from sqlalchemy import insert
+
+    from mailer.db import utcnow
+    from mailer.models import Blast, Delivery, Statement
+
+    ids = await subscriber_ids(settings, emails)
+    engine = make_engine(settings.database_url)
+    try:
+        async with engine.begin() as conn:
+            statement_id = await conn.scalar(
+                insert(Statement)
+                .values(title="t", body_markdown="b", body_html="<p>b</p>", body_text="b")
+                .returning(Statement.id)
+            )
+            blast_id = int(
+                await conn.scalar(
+                    insert(Blast)
+                    .values(statement_id=statement_id, status="sending", total=len(ids))
+                    .returning(Blast.id)
+                )
+                or 0
+            )
+            lease = utcnow() + timedelta(seconds=settings.delivery_lease_s)
+            deliveries = {}
+            for email in emails:
+                deliveries[email] = int(
+                    await conn.scalar(
+                        insert(Delivery)
+                        .values(
+                            blast_id=blast_id,
+                            subscriber_id=ids[email],
+                            status="sending",
+                            attempts=0,
+                            lease_until=lease,
+                        )
+                        .returning(Delivery.id)
+                    )
+                    or 0
+                )
+    finally:
+        await engine.dispose()
+    return blast_id, deliveries

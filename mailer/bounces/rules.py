@@ -50,6 +50,8 @@ from mailer.privacy import email_hash, suppressed_addresses
 log = logging.getLogger("mailer.bounces")
 
 STILL_SUBSCRIBED = (SubscriberStatus.pending, SubscriberStatus.confirmed)
+ACTS = (BounceKind.hard, BounceKind.soft, BounceKind.complaint)  # the others are only stored
+NOTHING = "nothing changed"
 
 
 @dataclass(frozen=True)
@@ -67,12 +69,19 @@ async def apply(
     session: AsyncSession, settings: Settings, event: BounceEvent, now: datetime
 ) -> Applied:
     """Store ``event`` and act on it, in the caller's transaction (the caller commits)."""
+    if event.kind not in ACTS:
+        # Nothing to do and no blast to pause: the note is known before the insert, so
+        # the event is stored with it (one statement, e.g. a policy refusal in record.py).
+        event_id = await store(session, event.with_note(NOTHING), now)
+        if event_id is None:
+            return Applied(None, "already ingested: nothing changed")
+        return Applied(event_id, NOTHING)
     event_id = await store(session, event, now)
     if event_id is None:
         return Applied(None, "already ingested: nothing changed")
     sub = event.subscriber_id
-    if sub is None or event.kind not in (BounceKind.hard, BounceKind.soft, BounceKind.complaint):
-        action = "nothing changed"
+    if sub is None:
+        action = NOTHING
     elif event.kind is BounceKind.hard:
         action = await _bounce(session, sub, now, f"hard bounce {_cause(event)}")
     elif event.kind is BounceKind.soft:

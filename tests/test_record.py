@@ -1,0 +1,155 @@
+"""The recorder (mailer/record.py): what one flush writes, row by row, in one transaction
+(docs/recording.md); the bound on repeats is docs/design.md, invariant 2."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import redis.asyncio as aioredis
+from helpers import seed_subscribers, sending_blast, sql, subscriber
+from sqlalchemy import event, update
+
+from mailer.config import Settings
+from mailer.db import utcnow
+from mailer.models import Delivery
+from mailer.record import Outcome, Recorder
+from mailer.runtime import Runtime
+from mailer.stats import OutcomeStatus
+
+
+async def test_a_mixed_flush_writes_each_rows_own_values_in_one_transaction(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    emails = (await seed_subscribers(settings, confirmed=9))["confirmed"]
+    blast_id, deliveries = await sending_blast(settings, emails)
+    runtime = Runtime.create(settings)
+    # Earlier attempts left values behind: each kind must write exactly its own columns.
+    async with runtime.engine.begin() as conn:
+        await conn.execute(update(Delivery).values(attempts=2, last_code=421, last_error="x"))
+    sent1, sent2, skipped, unsendable, hard, policy, retry1, retry2, long = emails
+    later = utcnow().replace(microsecond=0) + timedelta(minutes=7)
+    outcomes = [
+        (sent1, OutcomeStatus.sent, None, None, {}),
+        (sent2, OutcomeStatus.sent, None, None, {}),
+        (skipped, OutcomeStatus.skipped, None, None, {}),
+        (unsendable, OutcomeStatus.failed, None, "address cannot be put on the wire", {}),
+        (hard, OutcomeStatus.failed, 550, "5.1.1 user unknown", {"suppress": True}),
+        (policy, OutcomeStatus.failed, 554, "5.7.1 rejected by policy", {"policy": True}),
+        (retry1, OutcomeStatus.retry, 451, "4.7.1 greylisted", {"next_attempt_at": later}),
+        (retry2, OutcomeStatus.retry, None, "connection lost",
+         {"next_attempt_at": later + timedelta(seconds=1)}),
+        (long, OutcomeStatus.retry, 452, "4" * 900, {"next_attempt_at": later}),
+    ]  # fmt: skip
+    ids = await sql(settings, "SELECT email, id FROM subscribers")
+    subscriber_of = {email: int(i) for email, i in ids}
+    writes: list[str] = []
+    event.listen(
+        runtime.engine.sync_engine,
+        "before_cursor_execute",
+        lambda conn, cursor, statement, *args: writes.append(" ".join(statement.split()[:2])),
+    )
+    event.listen(runtime.engine.sync_engine, "commit", lambda conn: writes.append("COMMIT"))
+    try:
+        recorder = Recorder(runtime)
+        recorder.buffer = [
+            Outcome(blast_id, deliveries[email], subscriber_of[email], status, code, error, **kw)
+            for email, status, code, error, kw in outcomes
+        ]
+        before = utcnow()
+        await recorder.flush()
+        assert writes.count("COMMIT") == 1  # the whole flush, bounce events included
+        assert writes.count("UPDATE deliveries") == 4  # one per kind, not one per row
+        rows = {
+            int(r[0]): r[1:]
+            for r in await sql(
+                settings,
+                "SELECT id, status, attempts, last_code, last_error, lease_until, sent_at "
+                "FROM deliveries",
+            )
+        }
+        row = {email: rows[deliveries[email]] for email in emails}
+        for email in (sent1, sent2):
+            status, attempts, code, error, lease, sent_at = row[email]
+            assert (status, attempts, code, error, lease) == ("sent", 3, 421, "x", None)
+            assert sent_at is not None
+        assert row[skipped] == ("skipped", 2, 421, "x", None, None)
+        assert row[unsendable] == (
+            "failed", 2, None, "address cannot be put on the wire", None, None
+        )  # fmt: skip
+        assert row[hard] == ("failed", 3, 550, "5.1.1 user unknown", None, None)
+        assert row[policy] == ("failed", 3, 554, "5.7.1 rejected by policy", None, None)
+        assert row[retry1] == ("pending", 3, 451, "4.7.1 greylisted", None, None)
+        assert row[retry2] == ("pending", 3, None, "connection lost", None, None)
+        assert row[long] == ("pending", 3, 452, "4" * 500, None, None)
+        due = {
+            int(r[0]): r[1]
+            for r in await sql(settings, "SELECT id, next_attempt_at FROM deliveries")
+        }
+        assert _utc(due[deliveries[retry1]]) == later
+        assert _utc(due[deliveries[retry2]]) == later + timedelta(seconds=1)
+        assert all(due[deliveries[e]] is None for e in (sent1, skipped, unsendable, hard))
+        # The hard refusal is a bounce event and bounces its subscriber; the policy
+        # refusal is an event and a count on the blast, and leaves its subscriber alone.
+        stored = await sql(settings, "SELECT subscriber_id, kind, code FROM bounce_events")
+        assert sorted(stored) == sorted(
+            [(subscriber_of[hard], "hard", 550), (subscriber_of[policy], "policy", 554)]
+        )
+        bounced = await subscriber(settings, hard)
+        assert bounced is not None and bounced.status == "bounced"
+        assert bounced.bounced_at is not None and _utc(bounced.bounced_at) >= before
+        kept = await subscriber(settings, policy)
+        assert kept is not None and kept.status == "confirmed"
+        assert await sql(settings, "SELECT policy_failures, status FROM blasts") == [(1, "sending")]
+        counters = await redis.hgetall(runtime.keys.counters)  # type: ignore[misc]
+        assert {k.decode(): int(v) for k, v in counters.items()} == {
+            "messages_sent": 2,
+            "messages_skipped": 1,
+            "messages_failed": 3,
+            "messages_retry": 3,
+        }
+        assert recorder.paused == {}
+    finally:
+        await runtime.close()
+
+
+async def test_policy_counts_pause_the_blast_in_the_flush_that_reaches_the_limit(
+    settings: Settings,
+) -> None:
+    settings = settings.model_copy(update={"policy_failures_pause": 3})
+    emails = (await seed_subscribers(settings, confirmed=4))["confirmed"]
+    blast_id, deliveries = await sending_blast(settings, emails)
+    ids = {email: int(i) for email, i in await sql(settings, "SELECT email, id FROM subscribers")}
+    runtime = Runtime.create(settings)
+
+    def refused(email: str) -> Outcome:
+        return Outcome(
+            blast_id, deliveries[email], ids[email], OutcomeStatus.failed, 554, "5.7.1 spam",
+            policy=True,
+        )  # fmt: skip
+
+    try:
+        recorder = Recorder(runtime)
+        recorder.buffer = [refused(e) for e in emails[:2]]
+        await recorder.flush()
+        assert recorder.paused == {}
+        assert await sql(settings, "SELECT policy_failures, status FROM blasts") == [(2, "sending")]
+        recorder.buffer = [refused(e) for e in emails[2:]]
+        await recorder.flush()
+        assert "after 4 policy rejections" in recorder.paused[blast_id]
+        ((failures, status, reason),) = await sql(
+            settings, "SELECT policy_failures, status, reason FROM blasts"
+        )
+        assert (failures, status) == (4, "paused") and "5.7.1 spam" in reason
+    finally:
+        await runtime.close()
+
+
+def _utc(value: Any) -> Any:
+    """A timestamp read back with plain SQL: SQLite gives a naive string, PostgreSQL an
+    aware datetime."""
+    from datetime import UTC, datetime
+
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
