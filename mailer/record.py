@@ -49,8 +49,10 @@ class Outcome:
 class Recorder:
     """Buffers outcomes and writes them in bulk, every FLUSH_EVERY messages or FLUSH_SECONDS.
 
-    One per worker process, shared by every batch running there: what was sent but is not
-    yet written is at most one buffer, whatever the number of concurrent jobs.
+    One per worker process, shared by every batch running there. A send first reserves its
+    place in the buffer (``reserve``), so what was sent but is not yet written is at most
+    the buffer being written plus the one filling, FLUSH_EVERY each, whatever the number
+    of concurrent jobs and lanes (docs/design.md, invariant 2).
     """
 
     def __init__(self, runtime: Runtime) -> None:
@@ -60,12 +62,37 @@ class Recorder:
         self.paused: dict[int, str] = {}  # blast id -> reason, for batches to notice
         self.stats = SendStats()  # SMTP latency and throttle waits, written with each flush
         self._lock = asyncio.Lock()
+        self._reserved = 0  # sends under way whose outcome is not in the buffer yet
+        self._changed = asyncio.Event()
 
     def _due(self) -> bool:
         return len(self.buffer) >= FLUSH_EVERY or time.monotonic() - self.last_flush > FLUSH_SECONDS
 
-    async def add(self, outcome: Outcome) -> None:
+    async def reserve(self) -> None:
+        """Wait for a place in the buffer before sending a message.
+
+        Without it, while a slow write held the lock every lane of every job could finish
+        one more send into the next buffer, and a crash then repeated one message per lane
+        beyond the bound (seen: 136 repeats over three kills against a bound of 132).
+        """
+        while len(self.buffer) + self._reserved >= FLUSH_EVERY:
+            if self.buffer:
+                await self.flush()
+            else:  # the places are taken by sends under way: wait for one to come in
+                self._changed.clear()
+                await self._changed.wait()
+        self._reserved += 1
+
+    def unreserve(self) -> None:
+        """A reserved send that ends with no outcome (cancelled, or the relay unusable)."""
+        self._reserved -= 1
+        self._changed.set()
+
+    async def add(self, outcome: Outcome, *, reserved: bool = False) -> None:
+        if reserved:
+            self._reserved -= 1
         self.buffer.append(outcome)
+        self._changed.set()
         if self._due():
             await self.flush(only_if_due=True)
 

@@ -137,10 +137,7 @@ class Sender:
 
     async def _current_status(self, blast_id: int) -> str | None:
         """The blast's status, read at most every STATUS_TTL_S per process (pause is fast).
-
-        Only "sending" is cached: a decision to stop is always read fresh, so a batch that
-        starts right after a resume never acts on a stale "paused".
-        """
+        Only "sending" is cached: a batch right after a resume never sees a stale "paused"."""
         now = time.monotonic()
         cached = self._status.get(blast_id)
         if cached is not None and now - cached[0] < STATUS_TTL_S:
@@ -198,11 +195,11 @@ class Sender:
 
         unsent = {c.delivery_id for c in claimed}
 
-        async def record(outcome: Outcome) -> None:
+        async def record(outcome: Outcome, *, reserved: bool = False) -> None:
             field = outcome.status.counter
             setattr(report, field, getattr(report, field) + 1)
             unsent.discard(outcome.delivery_id)
-            await recorder.add(outcome)
+            await recorder.add(outcome, reserved=reserved)
 
         # A first bulk read drops those who left since the snapshot and tells each domain;
         # every message is checked again right before it is sent (unsubscribe wins).
@@ -260,13 +257,19 @@ class Sender:
                     )
                     continue
                 attempted.append(1)
-                outcome = await self._send_one(compiled, blast_id, item, email)
+                await recorder.reserve()  # bounds what a crash can repeat (record.py)
+                try:
+                    outcome = await self._send_one(compiled, blast_id, item, email)
+                except BaseException:
+                    recorder.unreserve()
+                    raise
                 if outcome is None:
+                    recorder.unreserve()
                     stop.append("smtp configuration error")
                     await recorder.release([c.delivery_id for c in (item, *rest)])
                     rest.clear()
                     return False
-                await record(outcome)
+                await record(outcome, reserved=True)
             return True
 
         # Unlimited domains share the SMTP lanes; a group is re-checked in one query.
@@ -307,8 +310,7 @@ class Sender:
         return report
 
     def envelope_sender(self, subscriber_id: int, blast_id: int | None = None) -> str:
-        """The Return-Path. With VERP each subscriber gets its own, so a bounce names them
-        (and the blast), signed (docs/bounces.md)."""
+        """The Return-Path; with VERP a signed one per subscriber and blast (docs/bounces.md)."""
         if not self.settings.verp_domain:
             return self.settings.from_address
         tag = self.runtime.tokens.bounce_tag(subscriber_id, blast_id)
@@ -355,8 +357,7 @@ class Sender:
         return Outcome(blast_id, item.delivery_id, item.subscriber_id, OutcomeStatus.sent)
 
     async def _timed_send(self, sender: str, recipient: str, data: bytes) -> None:
-        """Time the SMTP transaction for the latency histogram (written with each flush)."""
-        started = time.perf_counter()
+        started = time.perf_counter()  # for the latency histogram, written with each flush
         try:
             await self.smtp.send(sender, recipient, data)
         finally:
