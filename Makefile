@@ -43,7 +43,9 @@ dev: install
 
 ## Set everything up and run the whole suite (lint, types, tests on SQLite and PostgreSQL),
 ## in parallel: slowest tests first, each worker taking the next test as it frees up.
-PYTEST_WORKERS ?= 3
+# Four on two cores: most tests wait on sockets, subprocesses and timers, not on the CPU
+# (3m41 vs 4m20 for pytest on this 2-core machine).
+PYTEST_WORKERS ?= 4
 test: install services browser tools lint typecheck
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist load --maxschedchunk 1
 
