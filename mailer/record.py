@@ -135,7 +135,7 @@ class Recorder:
         # transaction only for what needs one: bounce events and policy counts.
         async with self.runtime.engine.begin() as conn:
             for statement, params in _delivery_updates(by_status, now):
-                await conn.execute(statement, params or None)
+                await conn.execute(statement, params)
             if refused or policy:
                 session = AsyncSession(bind=conn)
                 try:
@@ -207,12 +207,54 @@ class Recorder:
             )
 
 
+# The flush's statements, built once: SQLAlchemy then finds each compiled form by identity
+# instead of building a construct and its cache key on every flush (docs/recording.md).
 _ID: BindParameter[int] = bindparam("b_id", type_=Delivery.id.type)
+_IDS: BindParameter[list[int]] = bindparam("b_ids", expanding=True)
+_NOW = bindparam("b_now", type_=Delivery.sent_at.type)
+_SENT = (
+    update(Delivery)
+    .where(Delivery.id.in_(_IDS))
+    .values(
+        status=DeliveryStatus.sent,
+        sent_at=_NOW,
+        lease_until=None,
+        attempts=Delivery.attempts + 1,
+    )
+)
+_SKIPPED = (
+    update(Delivery)
+    .where(Delivery.id.in_(_IDS))
+    .values(status=DeliveryStatus.skipped, lease_until=None)
+)
+_FAILED = (
+    update(Delivery)
+    .where(Delivery.id == _ID)
+    .values(
+        status=DeliveryStatus.failed,
+        attempts=Delivery.attempts + bindparam("b_tried"),
+        lease_until=None,
+        last_code=bindparam("b_code"),
+        last_error=bindparam("b_error"),
+    )
+)
+_RETRY = (
+    update(Delivery)
+    .where(Delivery.id == _ID)
+    .values(
+        status=DeliveryStatus.pending,
+        next_attempt_at=bindparam("b_next", type_=Delivery.next_attempt_at.type),
+        attempts=Delivery.attempts + 1,
+        lease_until=None,
+        last_code=bindparam("b_code"),
+        last_error=bindparam("b_error"),
+    )
+)
 
 
 def _delivery_updates(
     by_status: dict[str, list[Outcome]], now: datetime
-) -> list[tuple[Executable, list[dict[str, Any]]]]:
+) -> list[tuple[Executable, dict[str, Any] | list[dict[str, Any]]]]:
     """The flush's writes to ``deliveries``: one statement per outcome kind present.
 
     Sent and skipped rows share their values (one UPDATE … WHERE id IN); failed and retry
@@ -220,56 +262,19 @@ def _delivery_updates(
     executed once with every row's parameters: an executemany, one round trip). The
     columns written per kind are exactly those of the row-at-a-time version before it.
     """
-    out: list[tuple[Executable, list[dict[str, Any]]]] = []
+    out: list[tuple[Executable, dict[str, Any] | list[dict[str, Any]]]] = []
     if rows := by_status.get(OutcomeStatus.sent):
-        out.append((
-            update(Delivery)
-            .where(Delivery.id.in_([o.delivery_id for o in rows]))
-            .values(
-                status=DeliveryStatus.sent,
-                sent_at=now,
-                lease_until=None,
-                attempts=Delivery.attempts + 1,
-            ),
-            [],
-        ))  # fmt: skip
+        out.append((_SENT, {"b_ids": [o.delivery_id for o in rows], "b_now": now}))
     if rows := by_status.get(OutcomeStatus.skipped):
-        out.append((
-            update(Delivery)
-            .where(Delivery.id.in_([o.delivery_id for o in rows]))
-            .values(status=DeliveryStatus.skipped, lease_until=None),
-            [],
-        ))  # fmt: skip
+        out.append((_SKIPPED, {"b_ids": [o.delivery_id for o in rows]}))
     if rows := by_status.get(OutcomeStatus.failed):
-        out.append((
-            update(Delivery)
-            .where(Delivery.id == _ID)
-            .values(
-                status=DeliveryStatus.failed,
-                attempts=Delivery.attempts + bindparam("b_tried"),
-                lease_until=None,
-                last_code=bindparam("b_code"),
-                last_error=bindparam("b_error"),
-            ),
-            [
-                {"b_id": o.delivery_id, "b_tried": 0 if o.code is None else 1, **_last(o)}
-                for o in rows
-            ],
-        ))  # fmt: skip
+        params = [
+            {"b_id": o.delivery_id, "b_tried": 0 if o.code is None else 1, **_last(o)} for o in rows
+        ]
+        out.append((_FAILED, params))
     if rows := by_status.get(OutcomeStatus.retry):
-        out.append((
-            update(Delivery)
-            .where(Delivery.id == _ID)
-            .values(
-                status=DeliveryStatus.pending,
-                next_attempt_at=bindparam("b_next", type_=Delivery.next_attempt_at.type),
-                attempts=Delivery.attempts + 1,
-                lease_until=None,
-                last_code=bindparam("b_code"),
-                last_error=bindparam("b_error"),
-            ),
-            [{"b_id": o.delivery_id, "b_next": o.next_attempt_at, **_last(o)} for o in rows],
-        ))  # fmt: skip
+        params = [{"b_id": o.delivery_id, "b_next": o.next_attempt_at, **_last(o)} for o in rows]
+        out.append((_RETRY, params))
     return out
 
 

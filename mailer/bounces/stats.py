@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import distinct, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mailer.models import BounceKind, Delivery, DeliveryStatus, StoredBounce
+from mailer.models import BounceKind, Delivery, DeliveryStatus, StoredBounce, Subscriber
 
 ATTEMPTED = (DeliveryStatus.sent, DeliveryStatus.failed)
 
@@ -116,3 +116,14 @@ async def log(
         query = query.where(StoredBounce.received_at >= since)
     rows = await session.scalars(query.limit(max(1, min(limit, 1000))).offset(max(0, offset)))
     return list(rows)
+
+
+async def emails_of(session: AsyncSession, events: list[StoredBounce]) -> dict[int, str | None]:
+    """The address of each subscriber the events name (None once erased), in one query."""
+    ids = {e.subscriber_id for e in events if e.subscriber_id is not None}
+    if not ids:
+        return {}
+    rows = await session.execute(
+        select(Subscriber.id, Subscriber.email).where(Subscriber.id.in_(ids))
+    )
+    return {i: e for i, e in rows}

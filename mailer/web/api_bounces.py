@@ -11,10 +11,9 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from sqlalchemy import select
 
 from mailer.bounces import stats
-from mailer.models import BounceKind, StoredBounce, Subscriber
+from mailer.models import BounceKind, StoredBounce
 from mailer.web.context import MAX_SQL_INT, get_ctx
 from mailer.web.deps import EDITOR_ERRORS, ApiError, EditorDep, EditorRoute, Offset
 
@@ -70,13 +69,7 @@ async def list_bounces(
             limit=limit,
             offset=offset,
         )
-        ids = {e.subscriber_id for e in events if e.subscriber_id is not None}
-        emails: dict[int, str | None] = {}
-        if ids:
-            rows = await session.execute(
-                select(Subscriber.id, Subscriber.email).where(Subscriber.id.in_(ids))
-            )
-            emails = {i: e for i, e in rows}
+        emails = await stats.emails_of(session, events)
     items = [
         _event_json(e, emails.get(e.subscriber_id) if e.subscriber_id else None) for e in events
     ]

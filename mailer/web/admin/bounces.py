@@ -12,10 +12,9 @@ from urllib.parse import urlencode
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse, Response
-from sqlalchemy import select
 
 from mailer.bounces import stats
-from mailer.models import BounceKind, Subscriber
+from mailer.models import BounceKind
 from mailer.web.admin.session import Flash, Signed, admin_router, render
 from mailer.web.context import MAX_SQL_INT, get_ctx
 
@@ -66,13 +65,7 @@ async def bounce_log(
             limit=PAGE_SIZE + 1,
             offset=(number - 1) * PAGE_SIZE,
         )
-        ids = {e.subscriber_id for e in events if e.subscriber_id is not None}
-        emails: dict[int, str | None] = {}
-        if ids:
-            found = await session.execute(
-                select(Subscriber.id, Subscriber.email).where(Subscriber.id.in_(ids))
-            )
-            emails = {i: e for i, e in found}
+        emails = await stats.emails_of(session, events)
     more = len(events) > PAGE_SIZE
 
     def page_url(n: int) -> str:
