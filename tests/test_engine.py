@@ -118,8 +118,9 @@ async def test_rate_ceiling_across_two_worker_processes(
     )
     assert peak <= 55
     # Below the rate only when the machine is loaded: a send whose re-check ran past its
-    # slot gives the slot up (throttle.Slot.late). P6 of `make bench` measures the rate.
-    assert 40 <= achieved <= 55
+    # slot gives the slot up (throttle.Slot.late). So the floor is loose (FLOOR in
+    # tests/test_throttle.py says why); P6 of `make bench` measures the rate reached.
+    assert 25 <= achieved <= 55
 
 
 # The slow domain takes ~7 s; the fast one may wait at most one chunk's share of it

