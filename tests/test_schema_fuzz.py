@@ -155,9 +155,9 @@ def run_schemathesis(app: Any, settings: Settings, token: str) -> FuzzReport:
         # token and without it; public ones as a visitor.
         editor = op.path.startswith("/api/")
         if editor:
-            variants = [(op, bearer, 45), (anonymous, {}, 12)]
+            variants = [(op, bearer, 25), (anonymous, {}, 7)]
         else:
-            variants = [(anonymous, {}, 60)]
+            variants = [(anonymous, {}, 35)]
         for op, headers, examples in variants:
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
                 label = f"{op.label} [{mode.value}, {'token' if headers else 'no token'}]"

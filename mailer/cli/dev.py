@@ -11,15 +11,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from mailer.cli.common import add_commands, fail, run, use_uvloop
 from mailer.config import Settings, SettingsError, load_dev_settings
-from mailer.dev_login import DEV_EDITOR, LINK_TTL_S, DevLogin, issue
 from mailer.logs import setup_logging
-from mailer.runtime import Runtime
+
+if TYPE_CHECKING:  # imported where used: every other command starts without them
+    from mailer.dev_login import DevLogin
 
 commands = typer.Typer()
 
@@ -137,6 +138,9 @@ def dev_settings() -> Settings:
 
 
 async def _issue_login(settings: Settings) -> DevLogin | None:
+    from mailer.dev_login import issue
+    from mailer.runtime import Runtime
+
     runtime = Runtime.create(settings)
     try:
         return await issue(runtime)
@@ -145,6 +149,8 @@ async def _issue_login(settings: Settings) -> DevLogin | None:
 
 
 def _echo_login(login: DevLogin | None) -> None:
+    from mailer.dev_login import DEV_EDITOR, LINK_TTL_S
+
     if login is None:
         typer.echo(
             f"mailer dev: admin login   none: the local editor {DEV_EDITOR!r} is disabled; "
