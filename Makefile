@@ -46,8 +46,11 @@ dev: install
 # Four on two cores: most tests wait on sockets, subprocesses and timers, not on the CPU
 # (3m41 vs 4m20 for pytest on this 2-core machine).
 PYTEST_WORKERS ?= 4
+# Bytecode caches on even where PYTHONDONTWRITEBYTECODE is set (this kind of machine sets
+# it): ~150 `mailer` processes per run would each compile mailer/ from source, and every
+# pytest worker would rewrite the assertions of every test module and plugin again.
 test: install services browser tools lint typecheck
-	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist load --maxschedchunk 1
+	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist load --maxschedchunk 1
 
 lint: install
 	$(BIN)/ruff check .
