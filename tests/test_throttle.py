@@ -193,20 +193,28 @@ async def test_block_larger_than_burst_is_refused(rds: aioredis.Redis, queue: st
 async def test_bookings_are_spaced_at_the_rate(rds: aioredis.Redis, queue: str) -> None:
     """The rate is what the limiter books: slots 1/rate apart once the burst is spent.
 
-    Booked back to back, without sleeping, so the load on the machine can only move each
-    due time by the latency of its own Redis reply (the wait is counted from Redis TIME).
+    The wait is counted from Redis TIME, read somewhere between sending the call and
+    reading its reply, so each slot is known to lie within that stretch plus the wait.
+    The checks allow for exactly that, so the load on the machine cannot move them.
     """
-    rate, burst, n = 100, 10, 300
+    # 50 ms slots: a pause of the test process between bookings (they take ~0.1 ms each)
+    # would have to outlast every slot booked ahead to let one start late.
+    rate, burst, n = 20, 10, 200
     throttle = make(rds, queue, rate_per_second=rate, burst=burst)
     loop = asyncio.get_running_loop()
-    due: list[float] = []
+    early: list[float] = []  # the earliest and latest each slot can be, in loop time
+    late: list[float] = []
     for _ in range(n):
+        sent = loop.time()
         wait = await throttle.reserve(1)
-        due.append(loop.time() + wait)
-    gaps = [b - a for a, b in zip(due[burst:], due[burst + 1 :], strict=False)]
-    assert min(gaps) > 0  # one slot at a time, in order
-    span, expected = due[-1] - due[burst], (n - 1 - burst) / rate
-    assert abs(span - expected) <= 0.05 * expected, (span, expected)
+        early.append(sent + wait)
+        late.append(loop.time() + wait)
+    slot, eps = 1 / rate, 0.001  # Redis TIME is in microseconds, the Lua rounds to them
+    for i in range(burst, n - 1):  # each next slot is one slot later, no more, no less
+        assert early[i + 1] - late[i] <= slot + eps, i
+        assert late[i + 1] - early[i] >= slot - eps, i
+    span = (n - 1 - burst) * slot  # and so is the whole run
+    assert early[-1] - late[burst] <= span + eps <= late[-1] - early[burst] + 2 * eps
 
 
 def test_slow_domains_are_held_while_others_run_at_full_speed(queue: str) -> None:
