@@ -44,6 +44,7 @@ from mailer.smtp import (
 )
 from mailer.stats import OutcomeStatus
 from mailer.throttle import MAX_REBOOKS, Throttle
+from mailer.wire import Stuffed
 
 log = logging.getLogger("mailer.delivery")
 
@@ -337,7 +338,7 @@ class Sender:
             )
 
         try:
-            data = compiled.build(
+            data = compiled.wire(  # ready for DATA: no scan or copy of it in smtp_pipeline
                 to=email,
                 unsubscribe_url=self.runtime.unsubscribe_url(item.subscriber_id),
                 message_id=make_message_id(self.settings, blast_id, item.subscriber_id),
@@ -357,7 +358,7 @@ class Sender:
             return self._transient(blast_id, item, exc)
         return Outcome(blast_id, item.delivery_id, item.subscriber_id, OutcomeStatus.sent)
 
-    async def _timed_send(self, sender: str, recipient: str, data: bytes) -> None:
+    async def _timed_send(self, sender: str, recipient: str, data: Stuffed) -> None:
         started = time.perf_counter()  # for the latency histogram, written with each flush
         try:
             await self.smtp.send(sender, recipient, data)
