@@ -21,7 +21,7 @@ from sqlalchemy import bindparam, select
 
 from mailer.backoff import retry_delay
 from mailer.blast_state import clear_waiting, finish_if_complete, pause_if_sending
-from mailer.db import readonly, utcnow
+from mailer.db import single_reads, utcnow
 from mailer.delivery.claims import Claimed, Claims, split_by_domain
 from mailer.models import (
     Blast,
@@ -90,7 +90,7 @@ class Sender:
         # after a crash, however many batch jobs run here at once.
         self.recorder = Recorder(runtime)
         self._status: dict[int, tuple[float, str | None]] = {}
-        self._reader = readonly(runtime.engine)
+        self._reader = single_reads(runtime.engine)  # one round trip per re-check
         self.claims = Claims(runtime)
 
     # Public entry point ------------------------------------------------------------
@@ -184,8 +184,8 @@ class Sender:
 
     async def _still_subscribed(self, subscriber_ids: list[int]) -> dict[int, str]:
         """Addresses of the given subscribers that are still confirmed, read right now."""
-        # A plain connection and a statement built once: this runs for every group of
-        # messages (every message when rate-limited), docs/benchmarks.md, P3.
+        # No transaction on PostgreSQL (db.single_reads) and a statement built once: this
+        # runs for every group of messages (every one when rate-limited), P3.
         async with self._reader.connect() as conn:
             rows = await conn.execute(_STILL_SUBSCRIBED, {"ids": subscriber_ids})
             return {r[0]: r[1] for r in rows}
