@@ -30,6 +30,8 @@ run. Variants that no longer apply to the current code say so and exit 3.
   per blast (what ``CompiledMessage.wire`` buys).
 - ``txrecheck``: the send-time re-check in a transaction (BEGIN, SELECT, ROLLBACK on
   PostgreSQL), as before ``db.single_reads`` (what AUTOCOMMIT buys).
+- ``statusherd``: every lane that finds the kept blast status stale reads it itself, as
+  before ``delivery.status`` shared one read per process (what that buys).
 """
 
 from __future__ import annotations
@@ -220,6 +222,22 @@ def _txrecheck() -> None:
     from mailer.delivery import sender
 
     sender.single_reads = db.readonly
+
+
+@patch("statusherd")
+def _statusherd() -> None:
+    """BlastStatuses.current without the shared read: each stale lane sends its own."""
+    import time
+
+    from mailer.delivery import status
+
+    async def current(self: Any, blast_id: int) -> str | None:
+        known = self._known.get(blast_id)
+        if known is not None and time.monotonic() - known[0] < status.STATUS_TTL_S:
+            return known[1]
+        return (await self._read(blast_id))[1]
+
+    status.BlastStatuses.current = current
 
 
 def _max_jobs(n: int) -> None:

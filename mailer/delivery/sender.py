@@ -23,6 +23,7 @@ from mailer.backoff import retry_delay
 from mailer.blast_state import clear_waiting, finish_if_complete, pause_if_sending
 from mailer.db import single_reads, utcnow
 from mailer.delivery.claims import Claimed, Claims, split_by_domain
+from mailer.delivery.status import BlastStatuses
 from mailer.models import (
     Blast,
     BlastStatus,
@@ -50,7 +51,6 @@ log = logging.getLogger("mailer.delivery")
 
 CHUNK_UNLIMITED = 200  # rows claimed at once when nothing limits the rate
 JOB_BUDGET_S = 60.0  # a job longer than this hands the rest of its range to a new job
-STATUS_TTL_S = 0.25  # how stale a batch's view of pause/cancel may be
 
 
 _STILL_SUBSCRIBED = select(Subscriber.id, Subscriber.email).where(
@@ -89,7 +89,7 @@ class Sender:
         # One recorder per process: its single unflushed buffer is what bounds the repeats
         # after a crash, however many batch jobs run here at once.
         self.recorder = Recorder(runtime)
-        self._status: dict[int, tuple[float, str | None]] = {}
+        self.statuses = BlastStatuses(runtime)  # pause and cancel, read once per 0.25 s
         self._reader = single_reads(runtime.engine)  # one round trip per re-check
         self.claims = Claims(runtime)
 
@@ -99,7 +99,7 @@ class Sender:
         started = time.monotonic()
         totals = BatchReport()
         while True:
-            status = await self._current_status(blast_id)
+            status = await self.statuses.current(blast_id)
             if status != BlastStatus.sending:
                 return f"blast {status}"
             if time.monotonic() - started > JOB_BUDGET_S:
@@ -141,24 +141,6 @@ class Sender:
 
     def _active_ttl(self) -> int:
         return max(3, 3 * self.settings.reconcile_interval_s)
-
-    async def _current_status(self, blast_id: int) -> str | None:
-        """The blast's status, read at most every STATUS_TTL_S per process (pause is fast).
-        Only "sending" is cached: a batch right after a resume never sees a stale "paused"."""
-        now = time.monotonic()
-        cached = self._status.get(blast_id)
-        if cached is not None and now - cached[0] < STATUS_TTL_S:
-            return cached[1]
-        status = await self._blast_status(blast_id)
-        if status == BlastStatus.sending:
-            self._status[blast_id] = (now, status)
-        else:
-            self._status.pop(blast_id, None)
-        return status
-
-    async def _blast_status(self, blast_id: int) -> str | None:
-        async with self.runtime.reads() as session:
-            return await session.scalar(select(Blast.status).where(Blast.id == blast_id))
 
     # Sending -------------------------------------------------------------------------
 
@@ -235,7 +217,7 @@ class Sender:
                 if limited:
                     slot = await self.throttle.acquire(len(items), domain)
                     recorder.stats.throttle_wait_s += slot.waited
-                status = await self._current_status(blast_id)
+                status = await self.statuses.current(blast_id)
                 if status != BlastStatus.sending:  # paused or cancelled: hand the rest back
                     stop.append(f"blast {status}")
                     back = DeliveryStatus.pending
