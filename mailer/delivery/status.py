@@ -4,8 +4,8 @@ Every lane checks the status before each group of messages, so the answer is kep
 STATUS_TTL_S and read again after that, once per process and blast: the lanes (ten per
 batch job, several jobs per process) that find it stale while the read is under way wait
 for that read instead of sending one each. Before, all of them that came within the
-round trip each opened a session (BEGIN, SELECT, ROLLBACK): about a third of a worker's
-SQL transactions in a blast (bench/analysis.md, round two, step 3).
+round trip each opened a session (BEGIN, SELECT, ROLLBACK): about one SQL transaction
+per 100 messages more than needed (bench/analysis.md, round two, step 3).
 """
 
 from __future__ import annotations
