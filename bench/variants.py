@@ -25,6 +25,13 @@ run. Variants that no longer apply to the current code say so and exit 3.
 - ``fasttoken``: the per-message unsubscribe URL and Message-ID from a precomputed HMAC
   key (measures the itsdangerous cost; in mailer as the ``u1`` token, so only useful on
   commits before it).
+- ``wirebytes``: a blast message built as plain bytes and converted by
+  ``smtp_pipeline.wire_message`` on its way out, as before the wire form was built once
+  per blast (what ``CompiledMessage.wire`` buys).
+- ``txrecheck``: the send-time re-check in a transaction (BEGIN, SELECT, ROLLBACK on
+  PostgreSQL), as before ``db.single_reads`` (what AUTOCOMMIT buys).
+- ``statusherd``: every lane that finds the kept blast status stale reads it itself, as
+  before ``delivery.status`` shared one read per process (what that buys).
 """
 
 from __future__ import annotations
@@ -194,6 +201,43 @@ def _corerecheck() -> None:
             return {r[0]: r[1] for r in rows}
 
     delivery.Sender._still_subscribed = still
+
+
+@patch("wirebytes")
+def _wirebytes() -> None:
+    """Each message from ``CompiledMessage.build`` (bytes): the SMTP code then counts its
+    line ends, looks for dots and copies it to add the final dot (``wire_message``)."""
+    from mailer import render
+
+    def wire(self: Any, **values: Any) -> bytes:
+        return bytes(self.build(**values))
+
+    render.CompiledMessage.wire = wire
+
+
+@patch("txrecheck")
+def _txrecheck() -> None:
+    """The re-check on the read-only engine: asyncpg opens a transaction for it."""
+    from mailer import db
+    from mailer.delivery import sender
+
+    sender.single_reads = db.readonly
+
+
+@patch("statusherd")
+def _statusherd() -> None:
+    """BlastStatuses.current without the shared read: each stale lane sends its own."""
+    import time
+
+    from mailer.delivery import status
+
+    async def current(self: Any, blast_id: int) -> str | None:
+        known = self._known.get(blast_id)
+        if known is not None and time.monotonic() - known[0] < status.STATUS_TTL_S:
+            return known[1]
+        return (await self._read(blast_id))[1]
+
+    status.BlastStatuses.current = current
 
 
 def _max_jobs(n: int) -> None:

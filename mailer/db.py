@@ -70,3 +70,20 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 def readonly(engine: AsyncEngine) -> AsyncEngine:
     """The same engine for sessions that only read (no write lock taken on SQLite)."""
     return engine.execution_options(**{READONLY: True})
+
+
+def single_reads(engine: AsyncEngine) -> AsyncEngine:
+    """The engine for a read that is a single statement, such as the send-time re-check
+    (docs/design.md, invariant 3), which runs for every message of a rate-limited blast.
+
+    On PostgreSQL it runs in AUTOCOMMIT: one round trip instead of three (asyncpg would
+    send BEGIN, the SELECT, then ROLLBACK when the connection goes back to the pool). The
+    statement sees the same thing either way: everything committed before it started,
+    as the first statement of a READ COMMITTED transaction does; so an unsubscribe
+    committed before the re-check still stops the message. The isolation level is set
+    on the pooled connection at checkout and reset at checkin, in Python (no round
+    trip). SQLite keeps its deferred read transaction: ``BEGIN`` there is ours (see
+    ``make_engine``) and costs no round trip."""
+    if engine.dialect.name == "sqlite":
+        return readonly(engine)
+    return engine.execution_options(isolation_level="AUTOCOMMIT", **{READONLY: True})

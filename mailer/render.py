@@ -4,7 +4,9 @@ A blast can be a million messages. Building an ``EmailMessage`` costs ~1.6 ms
 each, rendering Jinja ~45 µs, inlining CSS ~55 µs; so everything the recipients
 share (headers, templates, inlined CSS, quoted-printable bodies) is done once, in
 :meth:`Renderer.compile_statement`, and :meth:`CompiledMessage.build` only checks
-and splices the To address, unsubscribe URL, Message-ID and Date.
+and splices the To address, unsubscribe URL, Message-ID and Date. For a blast,
+:meth:`CompiledMessage.wire` gives the message in the form it follows SMTP's DATA,
+line ends and dot-stuffing done once per blast too (docs/smtp.md).
 
 Splicing into a quoted-printable body is safe because each shared segment is
 encoded on its own, starting at column 0 and ending with a soft line break
@@ -38,12 +40,15 @@ from mailer.wire import (
     MESSAGE_ID,
     PRINTABLE,
     URL,
+    Stuffed,
+    WireForm,
     check,
     clean_header_text,
     crlf,
     date_header,
     duration,
     idna_address,
+    line_value,
     mailbox,
     multipart,
     part_header,
@@ -51,6 +56,7 @@ from mailer.wire import (
     qp,
     qp_joints,
     unstructured,
+    wire_form,
 )
 
 TEST_SUBJECT_PREFIX = "[TEST] "
@@ -133,6 +139,7 @@ class CompiledMessage:
     _html: list[bytes]
     _end: bytes
     _url_max: int
+    _wire: WireForm
 
     def build(
         self, *, to: str, unsubscribe_url: str, message_id: str, date: str | None = None
@@ -162,6 +169,46 @@ class CompiledMessage:
                 qp(str(escape(unsubscribe_url)).encode()).join(self._html),
                 self._end,
             )
+        )
+
+    def wire(
+        self, *, to: str, unsubscribe_url: str, message_id: str, date: str | None = None
+    ) -> Stuffed:
+        """The same message as :meth:`build`, in the form it follows DATA.
+
+        Byte for byte what ``smtp_pipeline.wire_message`` makes of ``build``'s result
+        (tests/test_wire_form.py), but only the recipient's values are looked at here:
+        the shared parts were converted once, in ``wire.wire_form``. The values cannot
+        break that: the header values match patterns without CR or LF, and a
+        quoted-printable URL has no line ends but its soft breaks (CRLF), after which a
+        leading dot is doubled like any other."""
+        url = check(URL, unsubscribe_url, "unsubscribe URL")
+        if len(url) > self._url_max:
+            raise ValueError("unsubscribe URL too long for a single List-Unsubscribe line")
+        address = check(ADDRESS, to, "recipient address")
+        when = check(PRINTABLE, date, "date") if date is not None else date_header(int(time.time()))
+        mid = check(MESSAGE_ID, message_id, "Message-ID")
+        text_url = qp(url)
+        html_url = qp(str(escape(unsubscribe_url)).encode())
+        w = self._wire
+        size = w.size + len(address) + len(when) + len(mid) + len(url)
+        size += len(text_url) * (len(w.text) - 1) + len(html_url) * (len(w.html) - 1)
+        return Stuffed(
+            b"".join(
+                (
+                    w.to,
+                    address,
+                    w.date,
+                    when,
+                    w.message_id,
+                    mid,
+                    w.unsubscribe,
+                    url,
+                    line_value(text_url).join(w.text),
+                    line_value(html_url).join(w.html),
+                )
+            ),
+            size,
         )
 
 
@@ -233,16 +280,23 @@ class Renderer:
         head = b"".join((self._from, unstructured("Subject", subject), b"MIME-Version: 1.0\r\n"))
         tail = self._list_tail + (TEST_HEADER if test else b"") + multipart(boundary)
         tail += part_header(boundary, b"plain")
+        text_joints, middle, html_joints = (
+            qp_joints(text),
+            CRLF + part_header(boundary, b"html"),
+            qp_joints(html),
+        )
+        end = b"\r\n--" + boundary + b"--\r\n"
         return CompiledMessage(
             blast_id,
             clean_header_text(subject),
             head,
             tail,
-            qp_joints(text),
-            CRLF + part_header(boundary, b"html"),
-            qp_joints(html),
-            b"\r\n--" + boundary + b"--\r\n",
+            text_joints,
+            middle,
+            html_joints,
+            end,
             998 - len(b"List-Unsubscribe: <") - len(tail.split(CRLF, 1)[0]),
+            wire_form(head, tail, text_joints, middle, html_joints, end),
         )
 
     def preview_html(self, content: StatementContent) -> str:

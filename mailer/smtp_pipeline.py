@@ -32,6 +32,8 @@ import aiosmtplib
 from aiosmtplib.errors import SMTPReadTimeoutError
 from aiosmtplib.typing import Default
 
+from mailer.wire import Stuffed
+
 Reply = tuple[int, bytes]  # code, text lines (without the code) joined by b"\n"
 
 # A reply longer than this without its last line is not SMTP (aiosmtplib's own bound).
@@ -49,8 +51,9 @@ def wire_message(data: bytes) -> tuple[bytes, int]:
     """The message as it follows DATA, and its SIZE (RFC 1870: CRLF line ends, unstuffed).
 
     Line ends become CRLF and a leading dot is doubled (RFC 5321 4.5.2), each only if the
-    message needs it: render.py builds CRLF messages, so usually both checks are a few
-    fast scans and no copy. Same result as aiosmtplib's two regex passes.
+    message needs it. Same result as aiosmtplib's two regex passes. A blast's messages
+    skip this: render.py builds them in this form (``wire.Stuffed``); this is the path
+    for every other message (test sends, confirmations, notices, DKIM-signed ones).
     """
     crlf = data.count(b"\r\n")
     if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
@@ -245,9 +248,10 @@ class PipeliningSMTP(aiosmtplib.SMTP):
         self._reader = None
         return True
 
-    async def send_one(self, sender: str, recipient: str, data: bytes) -> bool:
+    async def send_one(self, sender: str, recipient: str, data: bytes | Stuffed) -> bool:
         """Send one message; raise what aiosmtplib's ``sendmail`` would raise for the same
-        replies. True when the transaction was pipelined."""
+        replies. True when the transaction was pipelined. A ``Stuffed`` message goes out
+        as it is (aiosmtplib, which stuffs on its own, gets it back in plain form)."""
         plain = PLAIN_ADDRESS.fullmatch
         reader = self._reader  # set once this connection is known to pipeline
         if (
@@ -257,9 +261,10 @@ class PipeliningSMTP(aiosmtplib.SMTP):
         ):
             reader = await self._pipeline(sender, recipient)
             if reader is None:
-                await self.sendmail(sender, [recipient], data)
+                unstuffed = data.plain() if isinstance(data, Stuffed) else data
+                await self.sendmail(sender, [recipient], unstuffed)
                 return False
-        message, size = wire_message(data)
+        message, size = (data.data, data.size) if isinstance(data, Stuffed) else wire_message(data)
         mail = b"MAIL FROM:<" + sender.encode() + b">"
         if reader.size:
             mail += b" SIZE=%d" % size

@@ -157,6 +157,40 @@ async def test_unsubscribe_wins_during_a_slow_blast(
     assert all(n == 1 for n in counts.values())
 
 
+async def test_the_send_time_recheck_runs_outside_a_transaction(settings: Settings) -> None:
+    """On PostgreSQL the re-check needs no BEGIN and ROLLBACK (db.single_reads: one round
+    trip, not three): each statement is a transaction of its own, so it sees every
+    unsubscribe committed before it; the pooled connection is in a transaction again
+    for everyone else. On SQLite it stays a deferred read transaction."""
+    from sqlalchemy import text
+
+    from mailer.db import make_engine, single_reads
+    from mailer.delivery.sender import _STILL_SUBSCRIBED
+
+    people = await seed_subscribers(settings, confirmed=3)
+    ids = await subscriber_ids(settings, people["confirmed"])
+    engine = make_engine(settings.database_url)
+    txid = text("SELECT txid_current()")
+    try:
+        if engine.dialect.name == "postgresql":
+            for reads, own_transactions in ((single_reads(engine), True), (engine, False)):
+                async with reads.connect() as conn:
+                    first, second = [(await conn.execute(txid)).scalar() for _ in range(2)]
+                    assert (first != second) is own_transactions
+        leaver = people["confirmed"][0]
+        async with engine.begin() as conn:
+            await conn.execute(
+                text("UPDATE subscribers SET status = 'unsubscribed' WHERE id = :id"),
+                {"id": ids[leaver]},
+            )
+        async with single_reads(engine).connect() as conn:
+            rows = await conn.execute(_STILL_SUBSCRIBED, {"ids": list(ids.values())})
+            alive = {email for _, email in rows}
+        assert alive == set(people["confirmed"]) - {leaver}
+    finally:
+        await engine.dispose()
+
+
 @pytest.mark.slow(15)
 async def test_pause_resume_cancel_and_schedule(
     app_client: httpx.AsyncClient, smtp: SmtpServer, settings: Settings, start_worker: Any

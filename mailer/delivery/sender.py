@@ -21,8 +21,9 @@ from sqlalchemy import bindparam, select
 
 from mailer.backoff import retry_delay
 from mailer.blast_state import clear_waiting, finish_if_complete, pause_if_sending
-from mailer.db import readonly, utcnow
+from mailer.db import single_reads, utcnow
 from mailer.delivery.claims import Claimed, Claims, split_by_domain
+from mailer.delivery.status import BlastStatuses
 from mailer.models import (
     Blast,
     BlastStatus,
@@ -44,12 +45,12 @@ from mailer.smtp import (
 )
 from mailer.stats import OutcomeStatus
 from mailer.throttle import MAX_REBOOKS, Throttle
+from mailer.wire import Stuffed
 
 log = logging.getLogger("mailer.delivery")
 
 CHUNK_UNLIMITED = 200  # rows claimed at once when nothing limits the rate
 JOB_BUDGET_S = 60.0  # a job longer than this hands the rest of its range to a new job
-STATUS_TTL_S = 0.25  # how stale a batch's view of pause/cancel may be
 
 
 _STILL_SUBSCRIBED = select(Subscriber.id, Subscriber.email).where(
@@ -88,8 +89,8 @@ class Sender:
         # One recorder per process: its single unflushed buffer is what bounds the repeats
         # after a crash, however many batch jobs run here at once.
         self.recorder = Recorder(runtime)
-        self._status: dict[int, tuple[float, str | None]] = {}
-        self._reader = readonly(runtime.engine)
+        self.statuses = BlastStatuses(runtime)  # pause and cancel, read once per 0.25 s
+        self._reader = single_reads(runtime.engine)  # one round trip per re-check
         self.claims = Claims(runtime)
 
     # Public entry point ------------------------------------------------------------
@@ -98,7 +99,7 @@ class Sender:
         started = time.monotonic()
         totals = BatchReport()
         while True:
-            status = await self._current_status(blast_id)
+            status = await self.statuses.current(blast_id)
             if status != BlastStatus.sending:
                 return f"blast {status}"
             if time.monotonic() - started > JOB_BUDGET_S:
@@ -141,24 +142,6 @@ class Sender:
     def _active_ttl(self) -> int:
         return max(3, 3 * self.settings.reconcile_interval_s)
 
-    async def _current_status(self, blast_id: int) -> str | None:
-        """The blast's status, read at most every STATUS_TTL_S per process (pause is fast).
-        Only "sending" is cached: a batch right after a resume never sees a stale "paused"."""
-        now = time.monotonic()
-        cached = self._status.get(blast_id)
-        if cached is not None and now - cached[0] < STATUS_TTL_S:
-            return cached[1]
-        status = await self._blast_status(blast_id)
-        if status == BlastStatus.sending:
-            self._status[blast_id] = (now, status)
-        else:
-            self._status.pop(blast_id, None)
-        return status
-
-    async def _blast_status(self, blast_id: int) -> str | None:
-        async with self.runtime.reads() as session:
-            return await session.scalar(select(Blast.status).where(Blast.id == blast_id))
-
     # Sending -------------------------------------------------------------------------
 
     async def _compiled_for(self, blast_id: int) -> CompiledMessage:
@@ -183,8 +166,8 @@ class Sender:
 
     async def _still_subscribed(self, subscriber_ids: list[int]) -> dict[int, str]:
         """Addresses of the given subscribers that are still confirmed, read right now."""
-        # A plain connection and a statement built once: this runs for every group of
-        # messages (every message when rate-limited), docs/benchmarks.md, P3.
+        # No transaction on PostgreSQL (db.single_reads) and a statement built once: this
+        # runs for every group of messages (every one when rate-limited), P3.
         async with self._reader.connect() as conn:
             rows = await conn.execute(_STILL_SUBSCRIBED, {"ids": subscriber_ids})
             return {r[0]: r[1] for r in rows}
@@ -234,7 +217,7 @@ class Sender:
                 if limited:
                     slot = await self.throttle.acquire(len(items), domain)
                     recorder.stats.throttle_wait_s += slot.waited
-                status = await self._current_status(blast_id)
+                status = await self.statuses.current(blast_id)
                 if status != BlastStatus.sending:  # paused or cancelled: hand the rest back
                     stop.append(f"blast {status}")
                     back = DeliveryStatus.pending
@@ -337,7 +320,7 @@ class Sender:
             )
 
         try:
-            data = compiled.build(
+            data = compiled.wire(  # ready for DATA: no scan or copy of it in smtp_pipeline
                 to=email,
                 unsubscribe_url=self.runtime.unsubscribe_url(item.subscriber_id),
                 message_id=make_message_id(self.settings, blast_id, item.subscriber_id),
@@ -357,7 +340,7 @@ class Sender:
             return self._transient(blast_id, item, exc)
         return Outcome(blast_id, item.delivery_id, item.subscriber_id, OutcomeStatus.sent)
 
-    async def _timed_send(self, sender: str, recipient: str, data: bytes) -> None:
+    async def _timed_send(self, sender: str, recipient: str, data: Stuffed) -> None:
         started = time.perf_counter()  # for the latency histogram, written with each flush
         try:
             await self.smtp.send(sender, recipient, data)
