@@ -23,6 +23,7 @@ from mailer.config import Settings
 from mailer.web.public import ACCEPTED, FORM_MAX_FIELDS, read_urlencoded
 
 FORM = {"content-type": "application/x-www-form-urlencoded"}
+UA = {"user-agent": "Reader/1.0"}
 
 
 async def starlette_form(body: bytes, chunk: int) -> dict[str, str] | str:
@@ -88,7 +89,7 @@ async def test_the_form_sign_up_page_and_rows(
     pages = []
     for n in range(2):
         body = f"email=reader{n}%40example.com&name=Ada+L.&source=https://c.example/p"
-        r = await app_client.post("/subscribe", content=body.encode(), headers=FORM)
+        r = await app_client.post("/subscribe", content=body.encode(), headers=FORM | UA)
         assert r.status_code == 202
         assert r.headers["content-type"] == "text/html; charset=utf-8"
         assert r.headers["content-length"] == str(len(r.content))
@@ -99,8 +100,12 @@ async def test_the_form_sign_up_page_and_rows(
         sub = await subscriber(settings, f"reader{n}@example.com")
         assert sub is not None and sub.status == "pending" and sub.name == "Ada L."
         assert sub.confirm_due_at is not None
-        kinds = [e.kind for e in await events(settings, sub.id)]
-        assert kinds == ["signup"]
+        assert sub.created_at == sub.updated_at == sub.confirm_due_at
+        assert sub.created_at.utcoffset() is not None
+        (event,) = await events(settings, sub.id)
+        assert (event.kind, event.ip, event.user_agent) == ("signup", "203.0.113.7", "Reader/1.0")
+        assert event.at == sub.created_at and event.detail is not None
+        assert event.detail.endswith("https://c.example/p")
     assert pages[0] == pages[1]
     # A type with parameters goes through Starlette's own parser: the same answer.
     r = await app_client.post(
