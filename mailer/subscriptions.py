@@ -22,7 +22,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from mailer.db import utcnow
 from mailer.errors import Invalid
 from mailer.models import Subscriber, SubscriberEvent, SubscriberStatus
-from mailer.signup_statements import ASKED_AGAIN, CLAIM, EVENT, FIND, PG_SIGNUP, SQLITE_NEW
+from mailer.signup_statements import (
+    ASKED_AGAIN,
+    CLAIM,
+    EVENT,
+    FIND,
+    PG_SIGNUP,
+    SQLITE_NEW,
+    pg_signup_for,
+)
 from mailer.tokens import ConfirmClaim, TokenError
 
 MAX_EMAIL_LENGTH = 254
@@ -179,7 +187,19 @@ async def subscribe(
 
 async def _insert_new(engine: AsyncEngine, values: dict[str, Any]) -> int | None:
     """The common case, a new address: its id, or None if the address exists."""
-    if engine.dialect.name == "postgresql":
+    if engine.dialect.driver == "asyncpg":
+        # One statement, outside any transaction (autocommit), on the pool's connection
+        # but through asyncpg itself: SQLAlchemy built it (mailer/signup_statements.py).
+        statement = pg_signup_for(engine.dialect)
+        async with engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert raw is not None
+            try:
+                sub_id = await raw.fetchval(statement.sql, *statement.args(values))
+            except BaseException:  # SQLAlchemy did not see it fail: never reuse it
+                await conn.invalidate()
+                raise
+    elif engine.dialect.name == "postgresql":
         async with engine.connect() as conn:
             await conn.execution_options(isolation_level="AUTOCOMMIT")  # one statement
             sub_id = (await conn.execute(PG_SIGNUP, values)).scalar()

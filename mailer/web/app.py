@@ -81,6 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, exc.status, headers=exc.headers)
 
+    app.router.routes.insert(0, public.SIGNUP_ROUTE)  # the sign-up's short way in
     app.include_router(public.router)
     app.include_router(site_form.router)
     app.include_router(api.router)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 from fastapi.templating import Jinja2Templates
@@ -27,6 +28,19 @@ class AppContext:
     queue: Queue
     templates: Jinja2Templates
     renderer: Renderer
+    _fixed: dict[str, bytes] = field(default_factory=dict)
+
+    def fixed_page(self, name: str, **values: Any) -> bytes:
+        """A page that is the same for every request, rendered on first use and kept.
+
+        For answers on the hot path (the sign-up's 202 page): Jinja's render, and its
+        check of the template file's mtime, cost more than the rest of the answer. The
+        page must not use ``request``, and ``values`` must be the same on every call.
+        """
+        page = self._fixed.get(name)
+        if page is None:
+            page = self._fixed[name] = self.templates.get_template(name).render(values).encode()
+        return page
 
 
 def get_ctx(request: Request) -> AppContext:
