@@ -107,9 +107,12 @@ EDITOR_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: problem("no such record")}
 # Path ids and offsets beyond what SQL can hold are refused as input, never passed on.
-StatementId = Annotated[int, Path(ge=1, le=MAX_SQL_INT)]
-BlastId = Annotated[int, Path(ge=1, le=MAX_SQL_INT)]
-SubscriberId = Annotated[int, Path(ge=1, le=MAX_SQL_INT)]
+# The example (ids start at 1) is also what API fuzzers try first, so a fuzz run always
+# reaches the handlers with a row that exists, not only the 404 (tests/test_schema_fuzz.py).
+FIRST_ID = {"first": {"summary": "the first row", "value": 1}}
+StatementId = Annotated[int, Path(ge=1, le=MAX_SQL_INT, openapi_examples=FIRST_ID)]
+BlastId = Annotated[int, Path(ge=1, le=MAX_SQL_INT, openapi_examples=FIRST_ID)]
+SubscriberId = Annotated[int, Path(ge=1, le=MAX_SQL_INT, openapi_examples=FIRST_ID)]
 Offset = Annotated[int, Query(ge=0, le=MAX_SQL_INT)]
 
 
