@@ -43,8 +43,9 @@ dev: install
 
 ## Set everything up and run the whole suite (lint, types, tests on SQLite and PostgreSQL),
 ## in parallel: slowest tests first, each worker taking the next test as it frees up.
-# Four on two cores: most tests wait on sockets, subprocesses and timers, not on the CPU
-# (3m41 vs 4m20 for pytest on this 2-core machine).
+# Four on two cores (3m41 vs 4m20 with three, on a 2-core machine): a test waiting on a
+# socket, a subprocess or a timer leaves its core to another. With four the machine is
+# ~90 % busy for the whole run, PostgreSQL and Redis included (docs/testing.md).
 PYTEST_WORKERS ?= 4
 # Bytecode caches on even where PYTHONDONTWRITEBYTECODE is set (this kind of machine sets
 # it): ~150 `mailer` processes per run would each compile mailer/ from source, and every
