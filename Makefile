@@ -48,7 +48,7 @@ dev: install
 # ~90 % busy for the whole run, PostgreSQL and Redis included (docs/testing.md).
 PYTEST_WORKERS ?= 4
 # Bytecode caches on even where PYTHONDONTWRITEBYTECODE is set (this kind of machine sets
-# it): ~150 `mailer` processes per run would each compile mailer/ from source, and every
+# it): each `mailer` process a test starts would compile mailer/ from source, and every
 # pytest worker would rewrite the assertions of every test module and plugin again.
 test: install services browser tools lint typecheck
 	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist load --maxschedchunk 1
