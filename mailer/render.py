@@ -25,6 +25,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import css_inline
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
@@ -126,6 +127,17 @@ class StatementContent:
         return cls(s.title, s.body_html, s.body_text, s.author, s.url)
 
 
+class _Values(NamedTuple):
+    """One recipient's values, checked and encoded as the message carries them."""
+
+    address: bytes
+    date: bytes
+    message_id: bytes
+    url: bytes
+    text_url: bytes  # quoted-printable, for the text part
+    html_url: bytes  # HTML-escaped, then quoted-printable, for the HTML part
+
+
 @dataclass(frozen=True, slots=True)
 class CompiledMessage:
     """One statement's message for one blast, as bytes with four holes."""
@@ -141,32 +153,43 @@ class CompiledMessage:
     _url_max: int
     _wire: WireForm
 
+    def _values(self, to: str, unsubscribe_url: str, message_id: str, date: str | None) -> _Values:
+        """The recipient's values, checked: a ValueError for any that could break out of
+        its header line, or a URL too long for the List-Unsubscribe line."""
+        url = check(URL, unsubscribe_url, "unsubscribe URL")
+        if len(url) > self._url_max:
+            raise ValueError("unsubscribe URL too long for a single List-Unsubscribe line")
+        return _Values(
+            check(ADDRESS, to, "recipient address"),
+            check(PRINTABLE, date, "date") if date is not None else date_header(int(time.time())),
+            check(MESSAGE_ID, message_id, "Message-ID"),
+            url,
+            qp(url),
+            qp(str(escape(unsubscribe_url)).encode()),
+        )
+
     def build(
         self, *, to: str, unsubscribe_url: str, message_id: str, date: str | None = None
     ) -> bytes:
         """The full RFC 5322 message (CRLF, ASCII) for one recipient, ready for DATA.
 
         Raises ValueError for any value that could break out of its header line."""
-        url = check(URL, unsubscribe_url, "unsubscribe URL")
-        if len(url) > self._url_max:
-            raise ValueError("unsubscribe URL too long for a single List-Unsubscribe line")
+        v = self._values(to, unsubscribe_url, message_id, date)
         return b"".join(
             (
                 self._head,
                 b"To: ",
-                check(ADDRESS, to, "recipient address"),
+                v.address,
                 b"\r\nDate: ",
-                check(PRINTABLE, date, "date")
-                if date is not None
-                else date_header(int(time.time())),
+                v.date,
                 b"\r\nMessage-ID: ",
-                check(MESSAGE_ID, message_id, "Message-ID"),
+                v.message_id,
                 b"\r\nList-Unsubscribe: <",
-                url,
+                v.url,
                 self._tail,
-                qp(url).join(self._text),
+                v.text_url.join(self._text),
                 self._middle,
-                qp(str(escape(unsubscribe_url)).encode()).join(self._html),
+                v.html_url.join(self._html),
                 self._end,
             )
         )
@@ -182,30 +205,23 @@ class CompiledMessage:
         break that: the header values match patterns without CR or LF, and a
         quoted-printable URL has no line ends but its soft breaks (CRLF), after which a
         leading dot is doubled like any other."""
-        url = check(URL, unsubscribe_url, "unsubscribe URL")
-        if len(url) > self._url_max:
-            raise ValueError("unsubscribe URL too long for a single List-Unsubscribe line")
-        address = check(ADDRESS, to, "recipient address")
-        when = check(PRINTABLE, date, "date") if date is not None else date_header(int(time.time()))
-        mid = check(MESSAGE_ID, message_id, "Message-ID")
-        text_url = qp(url)
-        html_url = qp(str(escape(unsubscribe_url)).encode())
+        v = self._values(to, unsubscribe_url, message_id, date)
         w = self._wire
-        size = w.size + len(address) + len(when) + len(mid) + len(url)
-        size += len(text_url) * (len(w.text) - 1) + len(html_url) * (len(w.html) - 1)
+        size = w.size + len(v.address) + len(v.date) + len(v.message_id) + len(v.url)
+        size += len(v.text_url) * (len(w.text) - 1) + len(v.html_url) * (len(w.html) - 1)
         return Stuffed(
             b"".join(
                 (
                     w.to,
-                    address,
+                    v.address,
                     w.date,
-                    when,
+                    v.date,
                     w.message_id,
-                    mid,
+                    v.message_id,
                     w.unsubscribe,
-                    url,
-                    line_value(text_url).join(w.text),
-                    line_value(html_url).join(w.html),
+                    v.url,
+                    line_value(v.text_url).join(w.text),
+                    line_value(v.html_url).join(w.html),
                 )
             ),
             size,

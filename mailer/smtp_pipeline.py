@@ -32,7 +32,7 @@ import aiosmtplib
 from aiosmtplib.errors import SMTPReadTimeoutError
 from aiosmtplib.typing import Default
 
-from mailer.wire import Stuffed
+from mailer.wire import Stuffed, crlf_bytes, stuff
 
 Reply = tuple[int, bytes]  # code, text lines (without the code) joined by b"\n"
 
@@ -55,17 +55,10 @@ def wire_message(data: bytes) -> tuple[bytes, int]:
     skip this: render.py builds them in this form (``wire.Stuffed``); this is the path
     for every other message (test sends, confirmations, notices, DKIM-signed ones).
     """
-    crlf = data.count(b"\r\n")
-    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    data = crlf_bytes(data)
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
-    size = len(data)
-    if b"\n." in data:
-        data = data.replace(b"\n.", b"\n..")
-    if data[:1] == b".":
-        data = b"." + data
-    return data + b".\r\n", size
+    return stuff(data, line_start=True) + b".\r\n", len(data)
 
 
 class ReplyReader(asyncio.Protocol):

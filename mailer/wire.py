@@ -195,8 +195,9 @@ class Stuffed:
 
 
 def crlf_bytes(data: bytes) -> bytes:
-    """CRLF line ends, bare CR and bare LF each becoming one: what aiosmtplib (and
-    ``smtp_pipeline.wire_message``) make of a message, here for a part of one."""
+    """CRLF line ends, bare CR and bare LF each becoming one, as aiosmtplib does; for a
+    whole message (``smtp_pipeline.wire_message``) or a part of one (:func:`wire_form`).
+    Counting first: a message that is already CRLF (render.py's) is not copied."""
     count = data.count(b"\r\n")
     if data.count(b"\n") != count or data.count(b"\r") != count:
         data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
@@ -204,8 +205,9 @@ def crlf_bytes(data: bytes) -> bytes:
 
 
 def stuff(data: bytes, *, line_start: bool) -> bytes:
-    """Dot-stuffing of a CRLF part of a message; ``line_start``: the part begins a line."""
-    data = data.replace(b"\n.", b"\n..")
+    """Dot-stuffing of a CRLF message or part of one; ``line_start``: it begins a line."""
+    if b"\n." in data:  # a scan, and no copy for the many messages without one
+        data = data.replace(b"\n.", b"\n..")
     return b"." + data if line_start and data[:1] == b"." else data
 
 
