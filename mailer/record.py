@@ -68,24 +68,31 @@ class Recorder:
     def _due(self) -> bool:
         return len(self.buffer) >= FLUSH_EVERY or time.monotonic() - self.last_flush > FLUSH_SECONDS
 
-    async def reserve(self) -> None:
-        """Wait for a place in the buffer before sending a message.
+    async def reserve(self, n: int = 1) -> None:
+        """Wait for ``n`` places in the buffer before sending ``n`` messages.
 
         Without it, while a slow write held the lock every lane of every job could finish
         one more send into the next buffer, and a crash then repeated one message per lane
         beyond the bound (seen: 136 repeats over three kills against a bound of 132).
+        The ``n`` places are taken at once, so lanes holding part of what they need can
+        never wait on each other; a block larger than the buffer goes when it is empty.
+        A rate-limited sender reserves before it books its slot: a flush run here would
+        otherwise sit between the slot and the send, and a late send can overfill a
+        one-second window.
         """
-        while len(self.buffer) + self._reserved >= FLUSH_EVERY:
+        while len(self.buffer) + self._reserved + n > FLUSH_EVERY and (
+            self.buffer or self._reserved
+        ):
             if self.buffer:
                 await self.flush()
             else:  # the places are taken by sends under way: wait for one to come in
                 self._changed.clear()
                 await self._changed.wait()
-        self._reserved += 1
+        self._reserved += n
 
-    def unreserve(self) -> None:
-        """A reserved send that ends with no outcome (cancelled, or the relay unusable)."""
-        self._reserved -= 1
+    def unreserve(self, n: int = 1) -> None:
+        """Reserved sends that end with no outcome (cancelled, or the relay unusable)."""
+        self._reserved -= n
         self._changed.set()
 
     async def add(self, outcome: Outcome, *, reserved: bool = False) -> None:

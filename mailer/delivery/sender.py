@@ -211,50 +211,57 @@ class Sender:
         attempted: list[int] = []
 
         async def send(items: list[Claimed], domain: str | None, rest: list[Claimed]) -> bool:
-            """Throttle, re-check, send, record; False once the batch must stop."""
+            """Reserve, throttle, re-check, send, record; False once the batch must stop."""
             limited = self.settings.rate_per_second > 0 or domain is not None
-            for attempt in range(1, MAX_REBOOKS + 1):
-                if limited:
-                    slot = await self.throttle.acquire(len(items), domain)
-                    recorder.stats.throttle_wait_s += slot.waited
-                status = await self.statuses.current(blast_id)
-                if status != BlastStatus.sending:  # paused or cancelled: hand the rest back
-                    stop.append(f"blast {status}")
-                    back = DeliveryStatus.pending
-                    if status == BlastStatus.cancelled:
-                        back = DeliveryStatus.cancelled
-                    await recorder.release([c.delivery_id for c in (*items, *rest)], back)
-                    rest.clear()
-                    return False
-                alive = await self._still_subscribed([c.subscriber_id for c in items])
-                # The re-check ran after the slot (unsubscribe wins); if it took too long
-                # the message would land among later slots, so it books a new one.
-                if not limited or attempt == MAX_REBOOKS or not slot.late():
-                    break
-            for item in items:
-                email = alive.get(item.subscriber_id)
-                if email is None:
-                    await record(
-                        Outcome(
+            # Places in the recorder's buffer first (they bound what a crash can repeat,
+            # record.py): a flush waited for after the slot would make the send late.
+            await recorder.reserve(len(items))
+            held = len(items)  # places not yet taken by an outcome or given back
+            try:
+                for attempt in range(1, MAX_REBOOKS + 1):
+                    if limited:
+                        slot = await self.throttle.acquire(len(items), domain)
+                        recorder.stats.throttle_wait_s += slot.waited
+                    status = await self.statuses.current(blast_id)
+                    if status != BlastStatus.sending:  # paused or cancelled: hand the rest back
+                        stop.append(f"blast {status}")
+                        back = DeliveryStatus.pending
+                        if status == BlastStatus.cancelled:
+                            back = DeliveryStatus.cancelled
+                        await recorder.release([c.delivery_id for c in (*items, *rest)], back)
+                        rest.clear()
+                        return False
+                    alive = await self._still_subscribed([c.subscriber_id for c in items])
+                    # The re-check ran after the slot (unsubscribe wins); if it took too
+                    # long the message would land among later slots, so it books a new one.
+                    if not limited or attempt == MAX_REBOOKS or not slot.late():
+                        break
+                for item in items:
+                    held -= 1  # this item's place: its outcome takes it, or it is given back
+                    email = alive.get(item.subscriber_id)
+                    if email is None:
+                        skipped = Outcome(
                             blast_id, item.delivery_id, item.subscriber_id, OutcomeStatus.skipped
                         )
-                    )
-                    continue
-                attempted.append(1)
-                await recorder.reserve()  # bounds what a crash can repeat (record.py)
-                try:
-                    outcome = await self._send_one(compiled, blast_id, item, email)
-                except BaseException:
-                    recorder.unreserve()
-                    raise
-                if outcome is None:
-                    recorder.unreserve()
-                    stop.append("smtp configuration error")
-                    await recorder.release([c.delivery_id for c in (item, *rest)])
-                    rest.clear()
-                    return False
-                await record(outcome, reserved=True)
-            return True
+                        await record(skipped, reserved=True)
+                        continue
+                    attempted.append(1)
+                    try:
+                        outcome = await self._send_one(compiled, blast_id, item, email)
+                    except BaseException:
+                        recorder.unreserve()
+                        raise
+                    if outcome is None:
+                        recorder.unreserve()
+                        stop.append("smtp configuration error")
+                        await recorder.release([c.delivery_id for c in (item, *rest)])
+                        rest.clear()
+                        return False
+                    await record(outcome, reserved=True)
+                return True
+            finally:
+                if held:
+                    recorder.unreserve(held)
 
         # Unlimited domains share the SMTP lanes; a group is re-checked in one query.
         group = 1 if self.settings.rate_per_second > 0 else 16
