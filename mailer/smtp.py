@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -23,6 +25,9 @@ from mailer.dkim import DkimSigner
 from mailer.errors import MailerError
 from mailer.smtp_pipeline import PipeliningSMTP
 from mailer.wire import Stuffed
+
+# What SmtpPool.held lends a sender: one relay connection.
+Connection = PipeliningSMTP
 
 # Errors ---------------------------------------------------------------------
 
@@ -191,15 +196,43 @@ class SmtpPool:
         await self._ensure_connected(client)
         await client.greet()
 
-    async def send(self, sender: str, recipient: str, data: bytes | Stuffed) -> None:
+    @asynccontextmanager
+    async def held(self) -> AsyncIterator[Connection]:
+        """One connection, kept from before a send's slot is booked until its write.
+
+        A rate-limited send takes its connection first: waiting for one after its slot
+        (all busy, their relay slow to answer) would let sends whose slots have passed
+        leave together, and overfill a one-second window (docs/smtp.md).
+        """
+        client = await self._idle.get()
+        try:
+            yield client
+        finally:
+            self._idle.put_nowait(client)
+
+    async def send(
+        self,
+        sender: str,
+        recipient: str,
+        data: bytes | Stuffed,
+        client: Connection | None = None,
+    ) -> None:
         """Send one message to one recipient; raise a typed SendError unless accepted.
 
+        ``client`` is a connection from ``held``; without one, the next idle one is used.
         A blast message comes ready for DATA (``Stuffed``); DKIM signs the message
         itself, so a signed one goes on as plain bytes (signing costs milliseconds, the
         stuffing is nothing next to it)."""
         if self._dkim is not None:
             data = self._dkim.sign(data.plain() if isinstance(data, Stuffed) else data)
-        client = await self._idle.get()
+        if client is None:
+            async with self.held() as idle:
+                return await self._send_on(idle, sender, recipient, data)
+        return await self._send_on(client, sender, recipient, data)
+
+    async def _send_on(
+        self, client: Connection, sender: str, recipient: str, data: bytes | Stuffed
+    ) -> None:
         try:
             await self._ensure_connected(client)
             self.stats.transactions += 1
@@ -221,8 +254,6 @@ class SmtpPool:
         except asyncio.CancelledError:
             client.close()  # cancelled mid-transaction: what the server saw is unknown
             raise
-        finally:
-            self._idle.put_nowait(client)
 
     async def close(self) -> None:
         clients = []

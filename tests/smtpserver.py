@@ -7,7 +7,8 @@ not say so by itself) unless told not to, so both of mailer's SMTP paths can be 
 
 Faults: ``plan`` answers at the end of the message (after the final dot), as before;
 ``mail_plan``, ``rcpt_plan`` and ``data_plan`` answer the MAIL, RCPT and DATA commands
-themselves. A stage plan may also return STALL (answer nothing for a long while), and
+themselves; ``hold`` delays the acceptance of chosen messages (a slow relay). A stage
+plan may also return STALL (answer nothing for a long while), and
 a 421 from a stage plan closes the connection after the reply, as RFC 5321 says a
 server does.
 
@@ -75,6 +76,9 @@ class Recorder:
     data_plan: FaultPlan | None = None
     stage_attempts: dict[tuple[str, str], int] = field(default_factory=dict)
     mails: int = 0
+    # Seconds to wait before accepting the n-th message (1-based, counting all): a relay
+    # slow to answer, holding the sender's connection meanwhile.
+    hold: Callable[[int], float] | None = None
     pipelining: bool = True
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -201,6 +205,9 @@ class _Handler:
                 rec.messages.append(
                     Received(str(envelope.mail_from), rcpt, data, at, id(session), started)
                 )
+            n = len(rec.messages)
+        if rec.hold is not None and (delay := rec.hold(n)) > 0:
+            await asyncio.sleep(delay)
         return "250 2.0.0 OK queued"
 
 

@@ -37,6 +37,7 @@ from mailer.record import Outcome, Recorder
 from mailer.render import CompiledMessage, Renderer, StatementContent, make_message_id
 from mailer.runtime import Runtime
 from mailer.smtp import (
+    Connection,
     PermanentSendError,
     PolicyError,
     SendError,
@@ -218,47 +219,53 @@ class Sender:
             await recorder.reserve(len(items))
             held = len(items)  # places not yet taken by an outcome or given back
             try:
-                for attempt in range(1, MAX_REBOOKS + 1):
-                    if limited:
-                        slot = await self.throttle.acquire(len(items), domain)
-                        recorder.stats.throttle_wait_s += slot.waited
-                    status = await self.statuses.current(blast_id)
-                    if status != BlastStatus.sending:  # paused or cancelled: hand the rest back
-                        stop.append(f"blast {status}")
-                        back = DeliveryStatus.pending
-                        if status == BlastStatus.cancelled:
-                            back = DeliveryStatus.cancelled
-                        await recorder.release([c.delivery_id for c in (*items, *rest)], back)
-                        rest.clear()
-                        return False
-                    alive = await self._still_subscribed([c.subscriber_id for c in items])
-                    # The re-check ran after the slot (unsubscribe wins); if it took too
-                    # long the message would land among later slots, so it books a new one.
-                    if not limited or attempt == MAX_REBOOKS or not slot.late():
-                        break
-                for item in items:
-                    held -= 1  # this item's place: its outcome takes it, or it is given back
-                    email = alive.get(item.subscriber_id)
-                    if email is None:
-                        skipped = Outcome(
-                            blast_id, item.delivery_id, item.subscriber_id, OutcomeStatus.skipped
-                        )
-                        await record(skipped, reserved=True)
-                        continue
-                    attempted.append(1)
-                    try:
-                        outcome = await self._send_one(compiled, blast_id, item, email)
-                    except BaseException:
-                        recorder.unreserve()
-                        raise
-                    if outcome is None:
-                        recorder.unreserve()
-                        stop.append("smtp configuration error")
-                        await recorder.release([c.delivery_id for c in (item, *rest)])
-                        rest.clear()
-                        return False
-                    await record(outcome, reserved=True)
-                return True
+                # The connection too comes before the slot (SmtpPool.held): between the
+                # late check and the write there is then nothing left to wait for.
+                async with self.smtp.held() as conn:
+                    for attempt in range(1, MAX_REBOOKS + 1):
+                        if limited:
+                            slot = await self.throttle.acquire(len(items), domain)
+                            recorder.stats.throttle_wait_s += slot.waited
+                        status = await self.statuses.current(blast_id)
+                        if status != BlastStatus.sending:  # paused or cancelled: hand back
+                            stop.append(f"blast {status}")
+                            back = DeliveryStatus.pending
+                            if status == BlastStatus.cancelled:
+                                back = DeliveryStatus.cancelled
+                            await recorder.release([c.delivery_id for c in (*items, *rest)], back)
+                            rest.clear()
+                            return False
+                        alive = await self._still_subscribed([c.subscriber_id for c in items])
+                        # The re-check ran after the slot (unsubscribe wins); if it took too
+                        # long the message would land among later slots: book a new one.
+                        if not limited or attempt == MAX_REBOOKS or not slot.late():
+                            break
+                    for item in items:
+                        held -= 1  # this item's place: its outcome takes it, or is given back
+                        email = alive.get(item.subscriber_id)
+                        if email is None:
+                            skipped = Outcome(
+                                blast_id,
+                                item.delivery_id,
+                                item.subscriber_id,
+                                OutcomeStatus.skipped,
+                            )
+                            await record(skipped, reserved=True)
+                            continue
+                        attempted.append(1)
+                        try:
+                            outcome = await self._send_one(compiled, blast_id, item, email, conn)
+                        except BaseException:
+                            recorder.unreserve()
+                            raise
+                        if outcome is None:
+                            recorder.unreserve()
+                            stop.append("smtp configuration error")
+                            await recorder.release([c.delivery_id for c in (item, *rest)])
+                            rest.clear()
+                            return False
+                        await record(outcome, reserved=True)
+                    return True
             finally:
                 if held:
                     recorder.unreserve(held)
@@ -308,7 +315,12 @@ class Sender:
         return f"bounces+{tag}@{self.settings.verp_domain}"
 
     async def _send_one(
-        self, compiled: CompiledMessage, blast_id: int, item: Claimed, email: str
+        self,
+        compiled: CompiledMessage,
+        blast_id: int,
+        item: Claimed,
+        email: str,
+        conn: Connection,
     ) -> Outcome | None:
         """Send one message; None when the relay itself is unusable (the blast is paused)."""
 
@@ -335,7 +347,8 @@ class Sender:
         except ValueError as exc:  # an address or URL that cannot be put on the wire
             return failed(None, str(exc)[:200])
         try:
-            await self._timed_send(self.envelope_sender(item.subscriber_id, blast_id), email, data)
+            sender = self.envelope_sender(item.subscriber_id, blast_id)
+            await self._timed_send(sender, email, data, conn)
         except SmtpConfigError as exc:
             await pause_if_sending(self.runtime, blast_id, f"SMTP relay unusable: {exc}")
             return None
@@ -347,10 +360,12 @@ class Sender:
             return self._transient(blast_id, item, exc)
         return Outcome(blast_id, item.delivery_id, item.subscriber_id, OutcomeStatus.sent)
 
-    async def _timed_send(self, sender: str, recipient: str, data: Stuffed) -> None:
+    async def _timed_send(
+        self, sender: str, recipient: str, data: Stuffed, conn: Connection
+    ) -> None:
         started = time.perf_counter()  # for the latency histogram, written with each flush
         try:
-            await self.smtp.send(sender, recipient, data)
+            await self.smtp.send(sender, recipient, data, conn)
         finally:
             self.recorder.stats.observe_smtp(time.perf_counter() - started)
 
