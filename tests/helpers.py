@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
+from forkrun import run_mailer
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select, text
 
@@ -402,13 +403,8 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) ->
 
 
 def mailer(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [MAILER, *args],
-        env=settings_env(settings) | env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    """`mailer ARGS` with ``settings``, in a process forked with mailer imported (forkrun)."""
+    return run_mailer(list(args), env=settings_env(settings) | env, timeout=60)
 
 
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')

@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from bounce_reports import postfix_dsn, tamper
+from forkrun import run_mailer
 from helpers import seed_subscribers, settings_env, sql, subscriber_ids
 from typer.testing import CliRunner
 
@@ -139,11 +139,11 @@ async def test_garbage_in_gives_a_line_and_changes_nothing_wrongly(
     )
     assert len(huge) > 20 * 1024 * 1024
     done = await asyncio.to_thread(
-        subprocess.run,
-        [MAILER, "bounces", "ingest", "--envelope-to", verp[people[4]]],
+        run_mailer,
+        ["bounces", "ingest", "--envelope-to", verp[people[4]]],
         input=huge,
         env=env,
-        capture_output=True,
+        text=False,
     )
     assert done.returncode == 0, done.stderr
     line = done.stdout.decode()

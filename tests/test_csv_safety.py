@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import redis.asyncio as aioredis
+from forkrun import run_mailer
 from helpers import clean_redis, settings_env, sql
 from hypothesis import given
 from hypothesis import strategies as st
@@ -82,9 +83,7 @@ def test_round_trip_is_lossless_for_any_text(cell: str) -> None:
 
 
 async def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run, [MAILER, *args], env=env, capture_output=True, text=True, timeout=120
-    )
+    return await asyncio.to_thread(run_mailer, list(args), env=env, timeout=120)
 
 
 async def test_hostile_names_and_addresses_export_as_text_and_round_trip(

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from forkrun import run_mailer
 from helpers import editor_token, settings_env, sql
 from rich.console import Console
 from siteserver import STATEMENT_PAGE, SiteServer, entry, poll, rss
@@ -222,14 +223,9 @@ async def test_feeds_check_prints_what_would_be_imported_and_writes_nothing(
     site.serve("/feed", rss([entry(site, 1), entry(site, 2, STATEMENT_PAGE)]), "text/xml")
 
     async def check(url: str) -> tuple[int, str, str]:
-        proc = await asyncio.create_subprocess_exec(
-            MAILER, "feeds", "check", url,
-            env=settings_env(settings),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        out, err = await proc.communicate()
-        return int(proc.returncode or 0), out.decode(), err.decode()
+        env = settings_env(settings)
+        done = await asyncio.to_thread(run_mailer, ["feeds", "check", url], env=env)
+        return done.returncode, done.stdout, done.stderr
 
     code, out, err = await check(site.url("/feed"))
     assert code == 0, err
@@ -255,12 +251,9 @@ async def test_feeds_check_prints_what_would_be_imported_and_writes_nothing(
 
 async def test_editors_add_takes_the_address_for_notices(settings: Settings) -> None:
     async def mailer(*args: str) -> tuple[int, str, str]:
-        proc = await asyncio.create_subprocess_exec(
-            MAILER, *args, env=settings_env(settings),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        out, err = await proc.communicate()
-        return int(proc.returncode or 0), out.decode(), err.decode()
+        env = settings_env(settings)
+        done = await asyncio.to_thread(run_mailer, list(args), env=env)
+        return done.returncode, done.stdout, done.stderr
 
     code, out, err = await mailer("editors", "add", "Desk", "--email", "Desk@Campaign.Example")
     assert code == 0, err

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from forkrun import run_mailer
 from helpers import (
-    MAILER,
     clean_redis,
     events,
     queue_settled,
@@ -39,9 +39,7 @@ from mailer.subscriptions import InvalidInput, normalize_email
 
 
 async def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run, [MAILER, *args], env=env, capture_output=True, text=True, timeout=120
-    )
+    return await asyncio.to_thread(run_mailer, list(args), env=env, timeout=120)
 
 
 def report_counts(stdout: str) -> dict[str, int]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from forkrun import run_mailer
 from helpers import (
     MAILER,
     auth,
@@ -77,14 +78,7 @@ async def test_status_shows_workers_queue_and_blasts(
             [MAILER, "status", "--watch"], env=env_for(settings), stdout=out_fh, stderr=err_fh
         )
     try:
-        done = await asyncio.to_thread(
-            subprocess.run,
-            [MAILER, "status"],
-            env=env_for(settings),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        done = await asyncio.to_thread(run_mailer, ["status"], env=env_for(settings), timeout=30)
         assert done.returncode == 0, done.stderr
         out = done.stdout
         cells = row(out, paused)
@@ -121,9 +115,7 @@ async def test_status_without_redis_says_so_in_one_line(tmp_path: Path) -> None:
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'mailer.db'}",
     )
     env = env_for(settings)
-    done = await asyncio.to_thread(
-        subprocess.run, [MAILER, "status"], env=env, capture_output=True, text=True, timeout=30
-    )
+    done = await asyncio.to_thread(run_mailer, ["status"], env=env, timeout=30)
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: Redis (MAILER_REDIS_URL)"), done.stderr

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -19,6 +18,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from forkrun import run_mailer
 from helpers import (
     editor_token,
     events,
@@ -79,12 +79,10 @@ def confirm_links(smtp: SmtpServer, email: str) -> list[str]:
 
 async def import_confirmed(settings: Settings, path: Path, *extra: str) -> str:
     done = await asyncio.to_thread(
-        subprocess.run,
-        [MAILER, "subscribers", "import", str(path), "--confirmed", "--consent-source", "old list",
+        run_mailer,
+        ["subscribers", "import", str(path), "--confirmed", "--consent-source", "old list",
          *extra],
         env=settings_env(settings),
-        capture_output=True,
-        text=True,
         timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
