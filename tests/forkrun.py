@@ -24,6 +24,7 @@ once use ``subprocess`` directly.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import select
@@ -50,6 +51,7 @@ class _ForkServer:
         )
         os.close(to_server)
         os.close(from_server)
+        atexit.register(self.stop)
         self._buffer = b""
         if self._line(timeout=120) != "ready":
             raise RuntimeError("the mailer fork server did not start")
@@ -66,6 +68,16 @@ class _ForkServer:
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
         return line.decode()
+
+    def stop(self) -> None:
+        """Close the request pipe: the server reads its end and exits."""
+        os.close(self._requests)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._replies)
 
     def run(self, request: dict[str, Any], timeout: float) -> int:
         os.write(self._requests, json.dumps(request).encode() + b"\n")
