@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -219,9 +220,10 @@ class Sender:
             await recorder.reserve(len(items))
             held = len(items)  # places not yet taken by an outcome or given back
             try:
-                # The connection too comes before the slot (SmtpPool.held): between the
-                # late check and the write there is then nothing left to wait for.
-                async with self.smtp.held() as conn:
+                # A rate-limited send takes its connection before the slot (SmtpPool.held):
+                # between the late check and the write there is then nothing to wait for.
+                # Unlimited sends take one per message, free for others during re-checks.
+                async with self.smtp.held() if limited else nullcontext() as conn:
                     for attempt in range(1, MAX_REBOOKS + 1):
                         if limited:
                             slot = await self.throttle.acquire(len(items), domain)
@@ -320,7 +322,7 @@ class Sender:
         blast_id: int,
         item: Claimed,
         email: str,
-        conn: Connection,
+        conn: Connection | None,
     ) -> Outcome | None:
         """Send one message; None when the relay itself is unusable (the blast is paused)."""
 
@@ -361,7 +363,7 @@ class Sender:
         return Outcome(blast_id, item.delivery_id, item.subscriber_id, OutcomeStatus.sent)
 
     async def _timed_send(
-        self, sender: str, recipient: str, data: Stuffed, conn: Connection
+        self, sender: str, recipient: str, data: Stuffed, conn: Connection | None
     ) -> None:
         started = time.perf_counter()  # for the latency histogram, written with each flush
         try:
