@@ -17,6 +17,7 @@ from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import bindparam, select
 
@@ -59,6 +60,11 @@ _STILL_SUBSCRIBED = select(Subscriber.id, Subscriber.email).where(
     Subscriber.id.in_(bindparam("ids", expanding=True)),
     Subscriber.status == SubscriberStatus.confirmed,
 )
+
+
+def _outcome(blast_id: int, item: Claimed, status: OutcomeStatus, *args: Any, **kw: Any) -> Outcome:
+    """What became of ``item``; the rest as ``Outcome`` takes it (code, error, ...)."""
+    return Outcome(blast_id, item.delivery_id, item.subscriber_id, status, *args, **kw)
 
 
 @dataclass
@@ -192,9 +198,7 @@ class Sender:
         addresses = await self._still_subscribed([c.subscriber_id for c in claimed])
         for item in claimed:
             if item.subscriber_id not in addresses:
-                await record(
-                    Outcome(blast_id, item.delivery_id, item.subscriber_id, OutcomeStatus.skipped)
-                )
+                await record(_outcome(blast_id, item, OutcomeStatus.skipped))
         general, by_domain = split_by_domain(
             [c for c in claimed if c.subscriber_id in addresses],
             addresses,
@@ -246,12 +250,7 @@ class Sender:
                         held -= 1  # this item's place: its outcome takes it, or is given back
                         email = alive.get(item.subscriber_id)
                         if email is None:
-                            skipped = Outcome(
-                                blast_id,
-                                item.delivery_id,
-                                item.subscriber_id,
-                                OutcomeStatus.skipped,
-                            )
+                            skipped = _outcome(blast_id, item, OutcomeStatus.skipped)
                             await record(skipped, reserved=True)
                             continue
                         attempted.append(1)
@@ -325,21 +324,7 @@ class Sender:
         conn: Connection | None,
     ) -> Outcome | None:
         """Send one message; None when the relay itself is unusable (the blast is paused)."""
-
-        def failed(
-            code: int | None, error: str, *, policy: bool = False, suppress: bool = False
-        ) -> Outcome:
-            return Outcome(
-                blast_id,
-                item.delivery_id,
-                item.subscriber_id,
-                OutcomeStatus.failed,
-                code,
-                error,
-                policy=policy,
-                suppress=suppress,
-            )
-
+        failed = OutcomeStatus.failed
         try:
             data = compiled.wire(  # ready for DATA: no scan or copy of it in smtp_pipeline
                 to=email,
@@ -347,7 +332,7 @@ class Sender:
                 message_id=make_message_id(self.settings, blast_id, item.subscriber_id),
             )
         except ValueError as exc:  # an address or URL that cannot be put on the wire
-            return failed(None, str(exc)[:200])
+            return _outcome(blast_id, item, failed, None, str(exc)[:200])
         try:
             sender = self.envelope_sender(item.subscriber_id, blast_id)
             await self._timed_send(sender, email, data, conn)
@@ -355,12 +340,13 @@ class Sender:
             await pause_if_sending(self.runtime, blast_id, f"SMTP relay unusable: {exc}")
             return None
         except PolicyError as exc:
-            return failed(exc.code, exc.message, policy=True)
+            return _outcome(blast_id, item, failed, exc.code, exc.message, policy=True)
         except PermanentSendError as exc:
-            return failed(exc.code, exc.message, suppress=exc.suppress)
+            suppress = exc.suppress
+            return _outcome(blast_id, item, failed, exc.code, exc.message, suppress=suppress)
         except SendError as exc:  # transient: 4xx, timeouts, dropped lines
             return self._transient(blast_id, item, exc)
-        return Outcome(blast_id, item.delivery_id, item.subscriber_id, OutcomeStatus.sent)
+        return _outcome(blast_id, item, OutcomeStatus.sent)
 
     async def _timed_send(
         self, sender: str, recipient: str, data: Stuffed, conn: Connection | None
@@ -375,24 +361,12 @@ class Sender:
         now = utcnow()
         first = item.first_attempt_at or now
         if (now - first).total_seconds() >= self.settings.retry_max_age_s:
-            return Outcome(
-                blast_id,
-                item.delivery_id,
-                item.subscriber_id,
-                OutcomeStatus.failed,
-                exc.code,
-                f"gave up: {exc.message}",
-            )
+            gave_up = f"gave up: {exc.message}"
+            return _outcome(blast_id, item, OutcomeStatus.failed, exc.code, gave_up)
         delay = retry_delay(item.attempts + 1, self.settings.retry_base_s)
-        return Outcome(
-            blast_id,
-            item.delivery_id,
-            item.subscriber_id,
-            OutcomeStatus.retry,
-            exc.code,
-            exc.message,
-            next_attempt_at=now + timedelta(seconds=delay),
-        )
+        later = now + timedelta(seconds=delay)
+        retry = OutcomeStatus.retry
+        return _outcome(blast_id, item, retry, exc.code, exc.message, next_attempt_at=later)
 
     async def _defer_for_quota(self, blast_id: int, items: list[Claimed]) -> None:
         wait = max(1.0, await self.throttle.daily_resets_in())
