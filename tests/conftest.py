@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 import uvicorn
 from arq.worker import Worker
 from helpers import clean_redis
+from pgpool import PgPool
 from smtpserver import SmtpServer, free_port
 
 from mailer.config import Settings, load_settings
@@ -114,6 +115,14 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Templates]:
     asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@pytest.fixture(scope="session")
+def pg_pool(templates: Templates) -> Iterator[PgPool]:
+    """Copies of the PostgreSQL template, emptied and renamed between tests."""
+    pool = PgPool(PG_DSN, templates.postgres)
+    yield pool
+    asyncio.run(pool.close())
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 async def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A fresh database with no schema at all, for tests of the migrations themselves."""
@@ -130,7 +139,7 @@ async def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def db_url(
-    request: pytest.FixtureRequest, tmp_path: Path, templates: Templates
+    request: pytest.FixtureRequest, tmp_path: Path, templates: Templates, pg_pool: PgPool
 ) -> AsyncIterator[str]:
     """A fresh, migrated database for this test alone."""
     if request.param == "sqlite":
@@ -140,14 +149,13 @@ async def db_url(
         MIGRATED.add(url)
         yield url
         return
-    name = f"mailer_test_{uuid.uuid4().hex[:12]}"
-    await _pg_admin(f'CREATE DATABASE "{name}" TEMPLATE "{templates.postgres}"')
+    name = await pg_pool.take()  # empty, migrated, renamed for this test (tests/pgpool.py)
     url = pg_url(name)
     MIGRATED.add(url)
     try:
         yield url
     finally:
-        await _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await pg_pool.give_back(name)
 
 
 @pytest.fixture
