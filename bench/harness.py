@@ -55,6 +55,7 @@ from common import (
     spread,
     sql,
     stop_process,
+    stop_processes,
     wait_health,
     wait_port,
     wait_quiet,
@@ -175,6 +176,7 @@ class Run:
     log: list[str] = field(default_factory=list)
     overrides: dict[str, Any] = field(default_factory=dict)  # --set KEY=VALUE
     explore_profile: bool = False
+    template: str = ""  # the migrated database the others are copied from
 
     def say(self, message: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {message}"
@@ -184,6 +186,24 @@ class Run:
     def command(self, text: str) -> None:
         if text not in self.commands:
             self.commands.append(text)
+
+    async def pg_create(self, name: str) -> str:
+        """A fresh, migrated database; the migrations run once per run, into a template
+        that every database is then a copy of (the same tables, made cheaper)."""
+        if not self.template:
+            template = f"mailer_bench_{self.stamp}_template"
+            try:
+                await pg_create(template)
+            except BaseException:
+                await pg_drop(template)  # half-migrated: no figure may copy it
+                raise
+            self.template = template
+        return await pg_create(name, template=self.template)
+
+    async def drop_template(self) -> None:
+        if self.template:
+            await pg_drop(self.template)
+            self.template = ""
 
 
 def fmt_spread(s: dict[str, float], unit: str = "", digits: int = 2) -> str:
@@ -243,8 +263,7 @@ class Workers:
         return [p.pid for p in self.procs]
 
     async def __aexit__(self, *exc: object) -> None:
-        for proc in self.procs:
-            await asyncio.to_thread(stop_process, proc)
+        await asyncio.to_thread(stop_processes, self.procs)
 
     def log_tail(self) -> str:
         path = OUT / "logs" / f"{self.name}-0.log"
@@ -435,7 +454,7 @@ async def figure_throughput(run: Run, sink: Sink) -> None:
     one worker, the same with two, and fastapi-mail, all into the same sink."""
     sizes = run.sizes
     db = f"mailer_bench_{run.stamp}_p1"
-    url = await pg_create(db)
+    url = await run.pg_create(db)
     lite_path = OUT / f"p1-{run.stamp}.db"
     try:
         await seed_confirmed(url, sizes.p1_recipients)
@@ -652,8 +671,8 @@ async def figure_memory_and_start(run: Run, sink: Sink) -> None:
     assert sizes.p4_large == sizes.p5_subscribers, "P4's large blast reuses P5's database"
     big_db = f"mailer_bench_{run.stamp}_big"
     small_db = f"mailer_bench_{run.stamp}_small"
-    big = await pg_create(big_db)
-    small = await pg_create(small_db)
+    big = await run.pg_create(big_db)
+    small = await run.pg_create(small_db)
     sqlite_path = OUT / f"p5-{run.stamp}.db"
     try:
         t_seed = await seed_confirmed(big, sizes.p5_subscribers)
@@ -870,7 +889,7 @@ async def figure_rate(run: Run) -> None:
     sizes = run.sizes
     n = int(sizes.p6_rate * sizes.p6_seconds)
     db = f"mailer_bench_{run.stamp}_p6"
-    url = await pg_create(db)
+    url = await run.pg_create(db)
     sink = Sink(python=run.python_tools, record_times=True).start()
     run.command(sink.command.replace(str(sink.port), "PORT"))
     try:
@@ -988,7 +1007,7 @@ def web_settings(url: str, queue: str) -> dict[str, Any]:
 async def figure_subscribe(run: Run) -> None:
     sizes = run.sizes
     db = f"mailer_bench_{run.stamp}_p7"
-    url = await pg_create(db)
+    url = await run.pg_create(db)
     queue = new_queue("p7")
     port = free_port()
     settings = web_settings(url, queue)
@@ -1082,7 +1101,7 @@ async def explore_worker(run: Run, sink: Sink, variants: list[str], recipients: 
     """P1/P3 for each variant of the worker (bench/variants.py), interleaved per repeat."""
     sizes = run.sizes
     db = f"mailer_bench_{run.stamp}_explore"
-    url = await pg_create(db)
+    url = await run.pg_create(db)
     results: dict[str, dict[str, list[float]]] = {
         v: {"rate": [], "cpu_us": [], "ratio": [], "xacts": []} for v in variants
     }
@@ -1208,7 +1227,7 @@ async def subscribe_run(run: Run, variant: str, seconds: float) -> dict[str, flo
     """One web process (a variant), warmed up, then one load run against it."""
     sizes = run.sizes
     db = f"mailer_bench_{run.stamp}_web"
-    url = await pg_create(db)
+    url = await run.pg_create(db)
     queue = new_queue("web")
     port = free_port()
     settings = web_settings(url, queue) | run.overrides
@@ -1342,6 +1361,7 @@ async def main(args: argparse.Namespace) -> int:
             run.say(f"{'/'.join(sorted(ids))} took {time.perf_counter() - t0:.0f}s")
     finally:
         sink.stop()
+        await run.drop_template()
     busy1 = __import__("common").machine_busy()
     run.context["load_after"] = load_average()
     run.context["machine_busy_cores"] = (
@@ -1372,6 +1392,7 @@ async def run_explore(run: Run, args: argparse.Namespace) -> int:
             await explore_web(run, args.explore_web.split(","))
     finally:
         sink.stop()
+        await run.drop_template()
     text = "\n\n".join(
         run.context[k] for k in ("explore_worker", "explore_web") if k in run.context
     )
