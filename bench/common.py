@@ -174,14 +174,22 @@ def load_average() -> tuple[float, float, float]:
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 30.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+    stop_processes([proc], timeout)
+
+
+def stop_processes(procs: Sequence[subprocess.Popen[Any]], timeout: float = 30.0) -> None:
+    """SIGTERM to every process first, then wait for each: their shutdowns (~0.5 s for a
+    worker) overlap instead of adding up."""
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in running:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def wait_quiet(pid: int, timeout: float = 30.0, window: float = 0.25) -> None:
@@ -223,17 +231,22 @@ def pg_url(database: str) -> str:
     return f"{base}/{database}"
 
 
-async def pg_create(name: str) -> str:
+async def pg_create(name: str, template: str = "") -> str:
+    """A fresh, migrated database. With ``template`` (a migrated database nobody is
+    connected to) PostgreSQL copies it instead of the migrations running again: the same
+    tables, for a few ms of CPU instead of ~0.2 s of the caller's and the server's."""
     import asyncpg
 
     admin = await asyncpg.connect(PG_DSN)
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{name}"')
+        copy = f' TEMPLATE "{template}"' if template else ""
+        await admin.execute(f'CREATE DATABASE "{name}"{copy}')
     finally:
         await admin.close()
     url = pg_url(name)
-    await migrate(url)
+    if not template:
+        await migrate(url)
     return url
 
 
