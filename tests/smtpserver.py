@@ -21,6 +21,7 @@ not bunch their timestamps up.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 import struct
@@ -265,9 +266,27 @@ def _received_at(server: SMTP) -> float:
     return getattr(sock, "received_at", 0.0) or time.time()
 
 
+# An address as mailer writes it: <local@domain>, both dot-atoms (RFC 5321), then the
+# parameters. aiosmtpd parses one with the email package's header parser and declares a
+# typing.Protocol class on every call: ~0.4 ms of CPU per MAIL or RCPT, a third of this
+# server's CPU on a blast. Anything else (quoted local parts, routes, <>) still goes there.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_ADDR = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*@{_ATOM}(?:\.{_ATOM})*)>(?=\s|$)")
+
+
 class _CountingSMTP(SMTP):
     recorder: Recorder
     mail_at = 0.0  # kernel receive time of the current transaction's MAIL command
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        match = _PLAIN_ADDR.match(arg)
+        rest = arg[match.end() :].lstrip(" \t") if match else "("
+        if match is None or rest.startswith("("):  # "(": a comment, the parser's to read
+            return super()._getaddr(arg)
+        addr = match.group(1)
+        if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return addr, rest
 
     def connection_made(self, transport: Any) -> None:
         with self.recorder.lock:
