@@ -225,10 +225,13 @@ class SmtpPool:
         stuffing is nothing next to it)."""
         if self._dkim is not None:
             data = self._dkim.sign(data.plain() if isinstance(data, Stuffed) else data)
-        if client is None:
-            async with self.held() as idle:
-                return await self._send_on(idle, sender, recipient, data)
-        return await self._send_on(client, sender, recipient, data)
+        if client is not None:
+            return await self._send_on(client, sender, recipient, data)
+        idle = await self._idle.get()  # per message on unlimited blasts: no context manager
+        try:
+            await self._send_on(idle, sender, recipient, data)
+        finally:
+            self._idle.put_nowait(idle)
 
     async def _send_on(
         self, client: Connection, sender: str, recipient: str, data: bytes | Stuffed
