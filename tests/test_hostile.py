@@ -303,6 +303,35 @@ async def test_chunked_body_without_length_is_cut_at_the_limit(
     assert r.status_code == 201, r.text
 
 
+async def test_a_client_that_sends_its_whole_upload_first_still_reads_the_413(
+    live: httpx.AsyncClient, settings: Settings
+) -> None:
+    """The server reads on after a 413 before it closes (a lingering close).
+
+    Closing a socket with unread bytes in it makes the kernel answer with a reset, and a
+    client that is still writing then loses the 413 it has not read yet. This client
+    writes all 1.5 MB (the limit is 1 MB) and the end of the body before it reads a byte,
+    so without the lingering close its writes fail or its read ends in a reset.
+    """
+    url = urlsplit(settings.base_url)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    writer.write(
+        f"POST /subscribe HTTP/1.1\r\nHost: {url.netloc}\r\nTransfer-Encoding: chunked\r\n"
+        "Content-Type: application/x-www-form-urlencoded\r\n\r\n".encode()
+    )
+    chunk = b"a" * 65536
+    for _ in range(24):
+        writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        await writer.drain()
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 20)  # to the end: a reset raises here
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert answer.endswith(b"}"), answer[-200:]  # the whole JSON answer
+    assert await table_counts(settings) == dict.fromkeys(await table_counts(settings), 0)
+
+
 async def test_csv_size_limit_and_broken_files(settings: Settings, tmp_path: Path) -> None:
     big = tmp_path / "big.csv"
     with big.open("wb") as fh:  # sparse: the size is real, the disk is not used

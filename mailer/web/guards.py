@@ -103,7 +103,14 @@ class Guards:
         if form:
             add_cors(message, origin)
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, send: Send, receive: Receive) -> None:
+        """Answer 413, then read on for a moment before the answer is complete.
+
+        The answer goes out whole at once (its Content-Length is set), but the ASGI
+        response is completed only after ``_drain``: uvicorn closes the connection as soon
+        as a ``Connection: close`` response is complete, and from then on ``receive``
+        only says the client left, so a drain after it reads nothing.
+        """
         body = json.dumps({"detail": f"request body larger than {self.limit} bytes"}).encode()
         await send(
             {
@@ -116,7 +123,9 @@ class Guards:
                 ],
             }
         )
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        await self._drain(receive)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -136,7 +145,7 @@ class Guards:
 
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await self._refuse(decorated_send)
+            await self._refuse(decorated_send, receive)
             return
 
         received = 0
@@ -170,15 +179,15 @@ class Guards:
             if not over or started:
                 raise
         if over and not started:
-            await self._refuse(decorated_send)
-            await self._drain(receive)
+            await self._refuse(decorated_send, receive)
 
     async def _drain(self, receive: Receive) -> None:
-        """Read (and drop) a bounded part of the rest of the upload before we return.
+        """Read (and drop) a bounded part of the rest of the upload, the 413 already sent.
 
         The server closes the connection after a 413 with the upload unread; the kernel
         then resets it, and a client still sending can lose the 413 it has not read yet.
-        Reading on for a moment lets the answer get there first.
+        Reading on for a moment lets the answer get there first. Proved by
+        ``test_a_client_that_sends_its_whole_upload_first_still_reads_the_413``.
         """
         budget = DRAIN_FACTOR * self.limit
         loop = asyncio.get_running_loop()
