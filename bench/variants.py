@@ -30,6 +30,8 @@ run. Variants that no longer apply to the current code say so and exit 3.
   per blast (what ``CompiledMessage.wire`` buys).
 - ``txrecheck``: the send-time re-check in a transaction (BEGIN, SELECT, ROLLBACK on
   PostgreSQL), as before ``db.single_reads`` (what AUTOCOMMIT buys).
+- ``recordherd``: every outcome wakes every lane waiting for places in the recorder, as
+  before ``Recorder._turn`` woke one lane at a time (what that buys).
 - ``statusherd``: every lane that finds the kept blast status stale reads it itself, as
   before ``delivery.status`` shared one read per process (what that buys).
 """
@@ -337,6 +339,18 @@ def _count() -> None:
     record.Recorder._write = counted_write
     delivery.Sender._still_subscribed = counted_still
     atexit.register(lambda: print(f"bench counts: {dict(counts)}", file=sys.stderr, flush=True))
+
+
+@patch("recordherd")
+def _recordherd() -> None:
+    from mailer import record
+
+    def wake_all(self: Any) -> None:
+        for turn in self._waiting:
+            if not turn.done():
+                turn.set_result(None)
+
+    record.Recorder._wake = wake_all
 
 
 def apply(names: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -63,7 +63,7 @@ class Recorder:
         self.stats = SendStats()  # SMTP latency and throttle waits, written with each flush
         self._lock = asyncio.Lock()
         self._reserved = 0  # sends under way whose outcome is not in the buffer yet
-        self._changed = asyncio.Event()
+        self._waiting: deque[asyncio.Future[None]] = deque()  # lanes in ``reserve``
 
     def _due(self) -> bool:
         return len(self.buffer) >= FLUSH_EVERY or time.monotonic() - self.last_flush > FLUSH_SECONDS
@@ -90,20 +90,45 @@ class Recorder:
             if self.buffer and (self._reserved + n <= FLUSH_EVERY or not self._reserved):
                 await self.flush()
             else:  # the places are taken by sends under way: wait for one to come in
-                self._changed.clear()
-                await self._changed.wait()
+                await self._turn()
         self._reserved += n
+        self._wake()  # there may be room left for the next lane in line
+
+    async def _turn(self) -> None:
+        """Wait for a change (an outcome in, a place given back, a flush) and our turn.
+
+        Each change wakes one waiting lane, not all of them: with ten jobs of ten lanes
+        each, up to a hundred lanes wait here, and waking every one on every outcome to
+        find the places still taken was about a tenth of the worker's CPU
+        (bench/analysis.md, "Round two, step 7"). A lane that gets its places wakes the
+        next (``reserve``), so room for several is handed on, one lane after another.
+        """
+        turn = asyncio.get_running_loop().create_future()
+        self._waiting.append(turn)
+        try:
+            await turn
+        except BaseException:
+            self._waiting.remove(turn)
+            if turn.done() and not turn.cancelled():
+                self._wake()  # woken, then cancelled: the turn goes to the next lane
+            raise
+        self._waiting.remove(turn)
+
+    def _wake(self) -> None:
+        """Give the first waiting lane a look, unless it already has one coming."""
+        if self._waiting and not self._waiting[0].done():
+            self._waiting[0].set_result(None)
 
     def unreserve(self, n: int = 1) -> None:
         """Reserved sends that end with no outcome (cancelled, or the relay unusable)."""
         self._reserved -= n
-        self._changed.set()
+        self._wake()
 
     async def add(self, outcome: Outcome, *, reserved: bool = False) -> None:
         if reserved:
             self._reserved -= 1
         self.buffer.append(outcome)
-        self._changed.set()
+        self._wake()
         if self._due():
             await self.flush(only_if_due=True)
 
@@ -130,6 +155,7 @@ class Recorder:
             self.last_flush = time.monotonic()
             if batch:
                 await self._write(batch)
+        self._wake()  # the buffer has room again
 
     async def _write(self, batch: list[Outcome]) -> None:
         now = utcnow()
