@@ -341,6 +341,26 @@ def _count() -> None:
     atexit.register(lambda: print(f"bench counts: {dict(counts)}", file=sys.stderr, flush=True))
 
 
+@patch("driverrecheck")
+def _driverrecheck() -> None:
+    """The "still subscribed?" read run by asyncpg itself on the pool's connection, with
+    ``id = ANY($1)`` (one prepared statement for every group size), as the sign-up's
+    statement is (``signup_statements.DriverStatement``)."""
+    from mailer.delivery import sender as delivery
+
+    original = delivery.Sender._still_subscribed
+    sql = "SELECT id, email FROM subscribers WHERE id = ANY($1::int[]) AND status = 'confirmed'"
+
+    async def still(self: Any, ids: list[int]) -> dict[int, str]:
+        if self.runtime.engine.dialect.driver != "asyncpg":
+            return await original(self, ids)
+        async with self._reader.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            return {r[0]: r[1] for r in await raw.fetch(sql, ids)}
+
+    delivery.Sender._still_subscribed = still
+
+
 @patch("recordherd")
 def _recordherd() -> None:
     from mailer import record
