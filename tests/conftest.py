@@ -201,7 +201,7 @@ async def settings(
         queue_name=queue,
         smtp_host="127.0.0.1",
         smtp_port=smtp.port,
-        smtp_timeout_s=5,
+        smtp_timeout_s=30,  # a busy test process is slow to answer; no test waits on it
         smtp_connections=4,
         base_url=f"http://127.0.0.1:{web_port}",
         secret_key="test-secret-key-0123456789abcdef-0123",
