@@ -30,6 +30,9 @@ run. Variants that no longer apply to the current code say so and exit 3.
   per blast (what ``CompiledMessage.wire`` buys).
 - ``txrecheck``: the send-time re-check in a transaction (BEGIN, SELECT, ROLLBACK on
   PostgreSQL), as before ``db.single_reads`` (what AUTOCOMMIT buys).
+- ``driverrecheck``: the re-check run by asyncpg itself (``id = ANY($1)``).
+- ``group8``, ``group4``: lanes of an unlimited blast take 8 or 4 messages at a time
+  instead of 16 (``GROUP_UNLIMITED``), so two or five lanes send at once.
 - ``recordherd``: every outcome wakes every lane waiting for places in the recorder, as
   before ``Recorder._turn`` woke one lane at a time (what that buys).
 - ``statusherd``: every lane that finds the kept blast status stale reads it itself, as
@@ -359,6 +362,24 @@ def _driverrecheck() -> None:
             return {r[0]: r[1] for r in await raw.fetch(sql, ids)}
 
     delivery.Sender._still_subscribed = still
+
+
+def _group(n: int) -> None:
+    from mailer.delivery import sender as delivery
+
+    delivery.GROUP_UNLIMITED = n
+
+
+@patch("group4")
+def _group4() -> None:
+    """Lanes of an unlimited blast take 4 messages at a time instead of 16: with the
+    recorder's 20 places, five lanes send at once instead of one."""
+    _group(4)
+
+
+@patch("group8")
+def _group8() -> None:
+    _group(8)
 
 
 @patch("recordherd")

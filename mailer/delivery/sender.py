@@ -53,6 +53,7 @@ from mailer.wire import Stuffed
 log = logging.getLogger("mailer.delivery")
 
 CHUNK_UNLIMITED = 200  # rows claimed at once when nothing limits the rate
+GROUP_UNLIMITED = 16  # messages a lane re-checks in one query and sends when unlimited
 JOB_BUDGET_S = 60.0  # a job longer than this hands the rest of its range to a new job
 
 
@@ -272,7 +273,7 @@ class Sender:
                     recorder.unreserve(held)
 
         # Unlimited domains share the SMTP lanes; a group is re-checked in one query.
-        group = 1 if self.settings.rate_per_second > 0 else 16
+        group = 1 if self.settings.rate_per_second > 0 else GROUP_UNLIMITED
         shared = list(general)
 
         async def lane() -> None:
