@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 from helpers import seed_subscribers, sending_blast, sql, subscriber
 from sqlalchemy import event, update
@@ -153,3 +155,32 @@ def _utc(value: Any) -> Any:
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+async def test_lanes_waiting_for_places_are_let_through_one_after_another(
+    settings: Settings,
+) -> None:
+    """A change wakes one waiting lane; each lane that gets its places hands the turn on,
+    so room for several lets several through, and nobody is left waiting for a change
+    that already happened. A lane cancelled on its turn passes it on."""
+    runtime = Runtime.create(settings)
+    try:
+        recorder = Recorder(runtime)
+        await recorder.reserve(20)  # every place taken by sends under way
+        waiting = [asyncio.create_task(recorder.reserve(5)) for _ in range(4)]
+        await asyncio.sleep(0)
+        assert not any(t.done() for t in waiting)
+        recorder.unreserve(20)  # those sends ended: room for exactly four lanes of five
+        waiting[0].cancel()  # woken first, but cancelled before it could look
+        with pytest.raises(asyncio.CancelledError):
+            await waiting[0]
+        await asyncio.wait_for(asyncio.gather(*waiting[1:]), 10)  # no timer involved
+        last = asyncio.create_task(recorder.reserve(5))  # the fourth place of five
+        await asyncio.wait_for(last, 10)
+        full = asyncio.create_task(recorder.reserve(1))  # and now none is left
+        await asyncio.sleep(0)
+        assert not full.done()
+        recorder.unreserve(1)
+        await asyncio.wait_for(full, 10)
+    finally:
+        await runtime.close()
