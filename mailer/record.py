@@ -100,8 +100,9 @@ class Recorder:
         Each change wakes one waiting lane, not all of them: with ten jobs of ten lanes
         each, up to a hundred lanes wait here, and waking every one on every outcome to
         find the places still taken cost the worker about a quarter more CPU per message
-        (968 against 781 µs, bench/analysis.md, "Round two, step 7"). A lane that gets its places wakes the
-        next (``reserve``), so room for several is handed on, one lane after another.
+        (968 against 781 µs, bench/analysis.md, "Round two, step 7"). A lane that gets its
+        places wakes the next (``reserve``), so room for several is handed on, one lane
+        after another.
         """
         turn = asyncio.get_running_loop().create_future()
         self._waiting.append(turn)
