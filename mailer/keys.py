@@ -122,6 +122,11 @@ class Keys:
         suffix = f":{generation}" if generation else ""
         return f"{self.queue}:blast:{blast_id}:batch:{first_id}{suffix}"
 
+    def batch_follow_up_job_id(self, blast_id: int, first_id: int, due_ms: int) -> str:
+        """The job that takes a range up again when its first handed-back row is due
+        (a retry, a slow domain's excess, the daily quota): one per range and due time."""
+        return f"{self.queue}:blast:{blast_id}:batch:{first_id}:due:{due_ms}"
+
     def start_job_id(self, blast_id: int) -> str:
         return f"{self.queue}:blast:{blast_id}:start"
 

@@ -207,12 +207,12 @@ async def wait_until(
         step = min(most, step * 1.5)
 
 
-async def queue_settled(settings: Settings, timeout: float = 30.0) -> None:
+async def queue_settled(settings: Settings, timeout: float = 30.0, horizon_s: float = 60) -> None:
     """Wait until every job queued so far, retries included, has run to its end.
 
     arq keeps a job in its queue until the job ends, and a job that queues more work does
     so before it ends, so a queue holding nothing but the reconciler's next cron entry (and
-    jobs scheduled more than a minute ahead, such as a blast for next year) has no work in
+    jobs due more than ``horizon_s`` ahead, such as a blast for next year) has no work in
     hand: a deterministic stand-in for "wait a while and see that nothing more comes".
     """
     from mailer.worker import worker_settings
@@ -222,7 +222,7 @@ async def queue_settled(settings: Settings, timeout: float = 30.0) -> None:
     try:
 
         async def settled() -> bool:
-            soon = (time.time() + 60) * 1000
+            soon = (time.time() + horizon_s) * 1000
             jobs = await client.zrangebyscore(settings.queue_name, "-inf", soon)
             return all(job.startswith(cron) for job in jobs)
 

@@ -159,7 +159,9 @@ async def test_daily_quota_waits_then_resumes(
     await start_worker()
     bid = await blast(app_client, token, await publish(app_client, token))
     await wait_until(lambda: len(smtp.messages) >= 100, timeout=30)
-    await queue_settled(settings)  # every batch job has ended: the rest waits in SQL
+    # Every batch job due now has ended; the rest waits in SQL, and a follow-up job is
+    # queued for when the window lets it go (a few seconds ahead, past the horizon).
+    await queue_settled(settings, horizon_s=1)
     assert len(smtp.messages) == 100  # the quota holds
     p = await progress(app_client, token, bid)
     assert p["status"] == "sending" and p["sent"] == 100 and p["pending"] == 50
@@ -170,6 +172,23 @@ async def test_daily_quota_waits_then_resumes(
     assert sorted(counts) == sorted(people["confirmed"]) and set(counts.values()) == {1}
     first_100 = sorted(m.at for m in smtp.messages)
     assert first_100[100] - first_100[99] >= 3  # the rest waited for the window
+
+
+# The reconciler would take the blast up only after three of its intervals without a claim
+# (3 minutes here), so the retries can only be taken up by the follow-up job of their range.
+@pytest.mark.parametrize("settings_overrides", [{"reconcile_interval_s": 60}])
+async def test_retries_go_out_when_due_without_the_reconciler(
+    app_client: httpx.AsyncClient, smtp: SmtpServer, settings: Settings, start_worker: Any
+) -> None:
+    people = await seed_subscribers(settings, confirmed=40)
+    token = await editor_token(settings)
+    smtp.recorder.plan = lambda rcpt, attempt: "451 4.3.0 greylisted" if attempt <= 2 else None
+    await start_worker()
+    bid = await blast(app_client, token, await publish(app_client, token))
+    done = await wait_status(app_client, token, bid, "done", timeout=30)
+    assert done["sent"] == 40 and done["failed"] == 0
+    assert smtp.recorder.counts() == {a: 1 for a in people["confirmed"]}
+    assert len(smtp.recorder.refused) == 80  # two greylistings each, then the mail
 
 
 def fault_plan(rcpt: str, attempt: int) -> str | None:

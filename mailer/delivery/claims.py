@@ -65,6 +65,17 @@ class Claims:
                 )
             )
 
+    async def next_attempt_at(self, blast_id: int, first_id: int, last_id: int) -> datetime | None:
+        """When the first row of the range that was handed back for later is due again."""
+        async with self.runtime.reads() as session:
+            return await session.scalar(
+                select(func.min(Delivery.next_attempt_at)).where(
+                    Delivery.blast_id == blast_id,
+                    Delivery.id.between(first_id, last_id),
+                    Delivery.status == DeliveryStatus.pending,
+                )
+            )
+
     async def claim(self, blast_id: int, first_id: int, last_id: int, limit: int) -> list[Claimed]:
         """Take up to ``limit`` due rows of the range, in id order, under a fresh lease.
 

@@ -133,11 +133,30 @@ class Sender:
             totals.retried += report.retried
             if report.stopped:
                 return report.stopped
-        await finish_if_complete(self.runtime, blast_id)
+        if not await finish_if_complete(self.runtime, blast_id):
+            await self._follow_up(blast_id, first_id, last_id)
         return (
             f"sent {totals.sent} failed {totals.failed} skipped {totals.skipped} "
             f"retry {totals.retried}"
         )
+
+    async def _follow_up(self, blast_id: int, first_id: int, last_id: int) -> None:
+        """Queue the range again for when its first handed-back row is due.
+
+        Rows handed back for later (a retry's backoff, a slow domain's excess, the daily
+        quota) would otherwise wait for the reconciler, which takes a blast up only once
+        no batch has claimed a row for three reconcile intervals (30 s at the defaults):
+        a slow domain's next 2-s share waited that long at the end of a blast. The job id
+        holds the due time, so the batches of a range that end with the same first row
+        due queue one job between them (docs/design.md, arq delivery semantics).
+        """
+        due = await self.claims.next_attempt_at(blast_id, first_id, last_id)
+        if due is None:
+            return
+        due_ms = int(due.timestamp() * 1000)
+        job_id = self.runtime.keys.batch_follow_up_job_id(blast_id, first_id, due_ms)
+        wait = max(0.0, (due - utcnow()).total_seconds())
+        await self.queue.batch(job_id, blast_id, first_id, last_id, defer_s=wait)
 
     # Claiming ------------------------------------------------------------------------
 
