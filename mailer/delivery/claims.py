@@ -12,13 +12,17 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import InstrumentedAttribute
 
 from mailer import blast_state
 from mailer.db import utcnow
 from mailer.models import Delivery, DeliveryStatus
 from mailer.runtime import Runtime
+
+T = TypeVar("T")
 
 # At most this many seconds of a rate-limited domain per chunk. A chunk ends when its
 # slowest domain is through, so this is also how long other domains' mail may wait on it.
@@ -56,20 +60,19 @@ class Claims:
         self.settings = runtime.settings
 
     async def next_due_id(self, blast_id: int, first_id: int, last_id: int) -> int | None:
-        async with self.runtime.reads() as session:
-            return await session.scalar(
-                select(func.min(Delivery.id)).where(
-                    Delivery.blast_id == blast_id,
-                    Delivery.id.between(first_id, last_id),
-                    Delivery.status == DeliveryStatus.pending,
-                )
-            )
+        """The first pending row of the range (where a continuing job starts)."""
+        return await self._least_pending(Delivery.id, blast_id, first_id, last_id)
 
     async def next_attempt_at(self, blast_id: int, first_id: int, last_id: int) -> datetime | None:
         """When the first row of the range that was handed back for later is due again."""
+        return await self._least_pending(Delivery.next_attempt_at, blast_id, first_id, last_id)
+
+    async def _least_pending(
+        self, column: InstrumentedAttribute[T], blast_id: int, first_id: int, last_id: int
+    ) -> T | None:
         async with self.runtime.reads() as session:
             return await session.scalar(
-                select(func.min(Delivery.next_attempt_at)).where(
+                select(func.min(column)).where(
                     Delivery.blast_id == blast_id,
                     Delivery.id.between(first_id, last_id),
                     Delivery.status == DeliveryStatus.pending,
