@@ -458,3 +458,10 @@ async def sending_blast(settings: Settings, emails: list[str]) -> tuple[int, dic
     finally:
         await engine.dispose()
     return blast_id, deliveries
+
+
+def tampered(token: str) -> str:
+    """``token`` with its last character changed, so it can never equal the real one
+    (replacing the end with fixed characters gave the real token back when it already
+    ended in them: 1 run in 256)."""
+    return token[:-1] + ("1" if token[-1] == "0" else "0")
