@@ -5,7 +5,9 @@ under a lease (``delivery.claims``), re-checks each subscriber right before
 sending (unsubscribe wins: docs/design.md, invariant 3) and records outcomes
 every few messages. After a crash the only repeats are messages that were sent
 but not yet recorded (docs/design.md, invariant 2); rows whose lease ran out go
-back to pending and the reconciler re-enqueues them.
+back to pending and the reconciler re-enqueues them. Rows the batch itself hands
+back for later (retries, a slow domain's excess, the daily quota) it queues again
+for when they are due (``Sender._follow_up``).
 """
 
 from __future__ import annotations
