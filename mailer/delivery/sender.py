@@ -143,14 +143,9 @@ class Sender:
         )
 
     async def _follow_up(self, blast_id: int, first_id: int, last_id: int) -> None:
-        """Queue the range again for when its first handed-back row is due.
-
-        Rows handed back for later (a retry's backoff, a slow domain's excess, the daily
-        quota) would otherwise wait for the reconciler, which takes a blast up only once
-        no batch has claimed a row for three reconcile intervals (30 s at the defaults):
-        a slow domain's next 2-s share waited that long at the end of a blast. The job id
-        holds the due time, so the batches of a range that end with the same first row
-        due queue one job between them (docs/design.md, arq delivery semantics).
+        """Queue the range again for when its first handed-back row is due, instead of
+        leaving it to the reconciler (three idle intervals, 30 s at the defaults). The
+        job id holds the due time: one job per range and time (docs/design.md, arq).
         """
         due = await self.claims.next_attempt_at(blast_id, first_id, last_id)
         if due is None:
