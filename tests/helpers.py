@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
-from forkrun import run_mailer
+from forkrun import MailerProcess, run_mailer, spawn_mailer
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select, text
 
@@ -315,12 +315,10 @@ async def wait_workers(client: httpx.AsyncClient, token: str, n: int) -> None:
 MAILER = str(Path(sys.executable).parent / "mailer")
 
 
-def start_worker_process(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    """`mailer worker` in its own process, its output appended to ``log``."""
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [MAILER, "worker"], env=settings_env(settings), stdout=out, stderr=out
-        )
+def start_worker_process(settings: Settings, log: Path) -> MailerProcess:
+    """`mailer worker` in its own process (forked: tests/forkrun.py), its output appended
+    to ``log``."""
+    return spawn_mailer(["worker"], env=settings_env(settings), output=log, append=True)
 
 
 def value(

@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
+from forkrun import MailerProcess, spawn_mailer
 from helpers import (
-    MAILER,
     auth,
     blast,
     editor_token,
@@ -39,14 +39,12 @@ class Workers:
     def __init__(self, settings: Settings, tmp_path: Path, **env: str) -> None:
         self.env = settings_env(settings) | env
         self.tmp_path = tmp_path
-        self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+        self.procs: list[tuple[MailerProcess, Path]] = []
 
     def start(self, n: int = 1) -> None:
         for _ in range(n):
             log = self.tmp_path / f"worker{len(self.procs)}.log"
-            with log.open("wb") as out:
-                proc = subprocess.Popen([MAILER, "worker"], env=self.env, stderr=out, stdout=out)
-            self.procs.append((proc, log))
+            self.procs.append((spawn_mailer(["worker"], env=self.env, output=log), log))
 
     def stop(self) -> None:
         for proc, _ in self.procs:
