@@ -127,9 +127,9 @@ class _ForkServer:
         deadline = None if timeout is None else time.monotonic() + timeout
         while pid not in self._exits:
             left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-            if left < 0:
+            self._pump(max(left, 0))  # at least one look at the pipe, even for poll()
+            if left <= 0 and pid not in self._exits:
                 return None
-            self._pump(left)
         return self._exits[pid]
 
     def stop(self) -> None:
@@ -173,8 +173,13 @@ class MailerProcess:
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
-        if self.poll() is None:  # as Popen: never signal a pid that may be reused
-            os.kill(self.pid, sig)
+        """As Popen: never signal a pid that may be reused, and one that has just exited
+        (its report not yet read) is no error."""
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
