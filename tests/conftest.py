@@ -65,8 +65,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Everything imported and collected lives until the run ends: out of the cyclic
-    collector's sight. Without this, each full collection in a pytest worker walked every
-    module, class and test item again (about a tenth of a worker's CPU; docs/testing.md)."""
+    collector's sight, so its full passes no longer walk every module, class and test item
+    again (collection took 10.1 s of a pytest worker's CPU before, 7.0 after, on the same
+    100 tests; docs/testing.md)."""
     gc.collect()
     gc.freeze()
 

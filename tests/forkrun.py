@@ -188,27 +188,22 @@ class MailerProcess:
         self.send_signal(signal.SIGKILL)
 
 
+def _spawn(
+    args: list[str], env: dict[str, str], cwd: str | Path | None, **io: Any
+) -> MailerProcess:
+    """Fork `mailer ARGS`; ``io`` names the files for stdin, stdout and stderr."""
+    server = _fork_server()
+    request = {"argv": ["mailer", *args], "env": env, "cwd": str(cwd or os.getcwd()), **io}
+    return MailerProcess(args, server, server.spawn(request))
+
+
 def spawn_mailer(
-    args: list[str],
-    *,
-    env: dict[str, str],
-    output: str | Path,
-    append: bool = False,
-    cwd: str | Path | None = None,
+    args: list[str], *, env: dict[str, str], output: str | Path, append: bool = False
 ) -> MailerProcess:
     """Like ``subprocess.Popen([MAILER, *args], stdout=out, stderr=out)`` with ``out`` the
     file ``output`` (appended to if ``append``), and stdin from /dev/null; forked."""
-    server = _fork_server()
-    request = {
-        "argv": ["mailer", *args],
-        "env": env,
-        "cwd": str(cwd or os.getcwd()),
-        "stdin": os.devnull,
-        "stdout": str(output),
-        "stderr": str(output),
-        "append": append,
-    }
-    return MailerProcess(args, server, server.spawn(request))
+    out = str(output)
+    return _spawn(args, env, None, stdin=os.devnull, stdout=out, stderr=out, append=append)
 
 
 def run_mailer(
@@ -221,13 +216,11 @@ def run_mailer(
     cwd: str | Path | None = None,
 ) -> subprocess.CompletedProcess[Any]:
     """Like ``subprocess.run([MAILER, *args], capture_output=True, ...)``, forked."""
-    server = _fork_server()
     with tempfile.TemporaryDirectory(prefix="mailer-run-") as tmp:
         files = {name: os.path.join(tmp, name) for name in ("stdin", "stdout", "stderr")}
         data = input.encode() if isinstance(input, str) else (input or b"")
         Path(files["stdin"]).write_bytes(data)
-        request = {"argv": ["mailer", *args], "env": env, "cwd": str(cwd or os.getcwd())}
-        proc = MailerProcess(args, server, server.spawn(request | files))
+        proc = _spawn(args, env, cwd, **files)
         try:
             code = proc.wait(timeout)
         except subprocess.TimeoutExpired:
