@@ -35,6 +35,8 @@ run. Variants that no longer apply to the current code say so and exit 3.
   instead of 16 (``GROUP_UNLIMITED``), so two or five lanes send at once.
 - ``recordherd``: every outcome wakes every lane waiting for places in the recorder, as
   before ``Recorder._turn`` woke one lane at a time (what that buys).
+- ``nochain``: an unlimited group sent one message at a time (two writes and two
+  wake-ups per message), as before ``SmtpPool.send_chain`` (what chaining buys).
 - ``statusherd``: every lane that finds the kept blast status stale reads it itself, as
   before ``delivery.status`` shared one read per process (what that buys).
 """
@@ -362,6 +364,24 @@ def _driverrecheck() -> None:
             return {r[0]: r[1] for r in await raw.fetch(sql, ids)}
 
     delivery.Sender._still_subscribed = still
+
+
+@patch("nochain")
+def _nochain() -> None:
+    """Transmitter.chain sending each message of the group alone (``Transmitter.one``),
+    as before chaining; the outcomes go to the recorder after the group, as with a chain."""
+    from mailer.delivery import transmit
+
+    async def chain(self: Any, compiled: Any, blast_id: int, group: list[Any]) -> Any:
+        outcomes = []
+        for i, (item, email) in enumerate(group):
+            outcome = await self.one(compiled, blast_id, item, email, None)
+            if outcome is None:
+                return outcomes, [c for c, _ in group[i:]]
+            outcomes.append(outcome)
+        return outcomes, []
+
+    transmit.Transmitter.chain = chain
 
 
 def _group(n: int) -> None:

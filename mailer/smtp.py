@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -23,7 +23,7 @@ import aiosmtplib
 from mailer.config import Settings, SmtpSecurity
 from mailer.dkim import DkimSigner
 from mailer.errors import MailerError
-from mailer.smtp_pipeline import PipeliningSMTP
+from mailer.smtp_pipeline import CHAIN_ERRORS, Envelope, PipeliningSMTP
 from mailer.wire import Stuffed
 
 # What SmtpPool.held lends a sender: one relay connection.
@@ -119,6 +119,9 @@ def error_for(code: int | None, message: str, recipient: str | None = None) -> S
 
 
 # The pool --------------------------------------------------------------------
+
+# What became of one message of a chain (None: accepted), and the seconds it took.
+Result = tuple[SendError | SmtpConfigError | None, float]
 
 
 @dataclass
@@ -233,6 +236,47 @@ class SmtpPool:
         finally:
             self._idle.put_nowait(idle)
 
+    async def send_chain(self, messages: Sequence[Envelope]) -> list[Result]:
+        """Send messages on one connection, each chained to the next (RFC 2920, docs/smtp.md).
+
+        One result per message, in order: None when accepted, else the typed SendError
+        ``send`` would have raised for the same replies; and the seconds it took. A chain
+        that loses its line goes on over a new one. Only an SmtpConfigError (the relay is
+        unusable) ends it early: it is the last result, and the rest were not attempted.
+        """
+        if self._dkim is not None:
+            dkim = self._dkim
+            messages = [(s, r, dkim.sign(d.plain() if isinstance(d, Stuffed) else d))
+                        for s, r, d in messages]  # fmt: skip
+        results: list[Result] = []
+        client = await self._idle.get()
+        try:
+            while len(results) < len(messages):
+                try:
+                    await self._ensure_connected(client)
+                except (SendError, SmtpConfigError) as exc:  # the next message's answer
+                    results.append((exc, 0.0))
+                    if isinstance(exc, SmtpConfigError):
+                        break
+                    continue
+                rest = messages[len(results) :]
+                for (_, recipient, _), (error, seconds, pipelined) in zip(
+                    rest, await client.send_chain(rest), strict=False
+                ):
+                    self.stats.transactions += 1
+                    if error is None:
+                        self.stats.pipelined += pipelined
+                        results.append((None, seconds))
+                    else:
+                        typed = self.error_for_exception(client, error, recipient)
+                        results.append((typed, seconds))
+        except asyncio.CancelledError:
+            client.close()  # cancelled mid-chain: what the server saw is unknown
+            raise
+        finally:
+            self._idle.put_nowait(client)
+        return results
+
     async def _send_on(
         self, client: Connection, sender: str, recipient: str, data: bytes | Stuffed
     ) -> None:
@@ -241,22 +285,25 @@ class SmtpPool:
             self.stats.transactions += 1
             if await client.send_one(sender, recipient, data):  # pipelined if offered
                 self.stats.pipelined += 1
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            refused = exc.recipients[0]
-            raise error_for(refused.code, refused.message, recipient) from exc
-        except aiosmtplib.SMTPResponseException as exc:
-            if exc.code == 421:
-                client.close()
-            raise error_for(exc.code, exc.message, recipient) from exc
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
-            client.close()
-            raise TransientSendError(None, f"connection lost: {exc}", recipient) from exc
-        except (ConnectionError, TimeoutError, OSError) as exc:
-            client.close()
-            raise TransientSendError(None, f"connection lost: {exc}", recipient) from exc
+        except CHAIN_ERRORS as exc:
+            raise self.error_for_exception(client, exc, recipient) from exc
         except asyncio.CancelledError:
             client.close()  # cancelled mid-transaction: what the server saw is unknown
             raise
+
+    @staticmethod
+    def error_for_exception(client: Connection, exc: BaseException, recipient: str) -> SendError:
+        """The typed error for what aiosmtplib (or the pipeline) raised; a line whose state
+        is in doubt is closed."""
+        if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+            refused = exc.recipients[0]
+            return error_for(refused.code, refused.message, recipient)
+        if isinstance(exc, aiosmtplib.SMTPResponseException):
+            if exc.code == 421:
+                client.close()
+            return error_for(exc.code, exc.message, recipient)
+        client.close()  # disconnected, timed out, or a socket error
+        return TransientSendError(None, f"connection lost: {exc}", recipient)
 
     async def close(self) -> None:
         clients = []

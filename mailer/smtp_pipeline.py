@@ -24,20 +24,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections import deque
-from collections.abc import Callable
+import time
+from collections.abc import Sequence
 from typing import Any, Literal, cast
 
 import aiosmtplib
-from aiosmtplib.errors import SMTPReadTimeoutError
 from aiosmtplib.typing import Default
 
+from mailer.smtp_replies import Reply, ReplyReader
 from mailer.wire import Stuffed, crlf_bytes, stuff
-
-Reply = tuple[int, bytes]  # code, text lines (without the code) joined by b"\n"
-
-# A reply longer than this without its last line is not SMTP (aiosmtplib's own bound).
-MAX_REPLY = 8192 * 4
 
 # Addresses that need no quoting, parsing or SMTPUTF8: a dot-atom local part and a dot-atom
 # domain (RFC 5321 4.1.2). For these, aiosmtplib's quote_address gives "<address>"
@@ -61,131 +56,28 @@ def wire_message(data: bytes) -> tuple[bytes, int]:
     return stuff(data, line_start=True) + b".\r\n", len(data)
 
 
-class ReplyReader(asyncio.Protocol):
-    """Splits the server's byte stream into replies and hands them out in command order.
+Envelope = tuple[str, str, "bytes | Stuffed"]  # sender, recipient, message
+Chained = tuple[BaseException | None, float, bool]  # error, seconds, pipelined
+# What send_one raises for a refusal or a lost line, each of which the pool turns into a
+# SendError (SmtpPool.error_for_exception); anything else propagates, as from send_one.
+CHAIN_ERRORS = (
+    aiosmtplib.SMTPRecipientsRefused,
+    aiosmtplib.SMTPResponseException,
+    aiosmtplib.SMTPServerDisconnected,
+    aiosmtplib.SMTPTimeoutError,
+    OSError,
+)
 
-    ``send(data, n)`` writes ``data`` and returns a future for the next ``n`` replies;
-    futures complete in the order they were asked for, so commands of several writes can
-    be in flight at once. One wake-up per batch of replies, not per reply. If the line
-    fails after some of a batch's replies arrived, the future gets those (fewer than
-    ``n``) and ``error`` says why the rest are missing.
 
-    A single timer watches progress: if replies are awaited and none has arrived for
-    ``timeout`` seconds, everything pending fails with a timeout and the line is cut.
-    """
+def _reusable(exc: BaseException) -> bool:
+    """A refusal leaves the line usable, unless it is a 421 (the server is closing)."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        return True
+    return isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code != 421
 
-    def __init__(
-        self,
-        transport: asyncio.Transport,
-        timeout: float | None,
-        on_lost: Callable[[ReplyReader], None],
-    ) -> None:
-        self.transport = transport
-        self._loop = asyncio.get_running_loop()
-        self._timeout = timeout
-        self._on_lost = on_lost
-        self._tail = b""  # an incomplete line
-        self._lines: list[bytes] = []  # the lines so far of a multi-line reply
-        self._waiting: deque[tuple[int, list[Reply], asyncio.Future[list[Reply]]]] = deque()
-        self._timer: asyncio.TimerHandle | None = None
-        self._progress = 0.0
-        self.error: BaseException | None = None
-        self.size = False  # the server takes MAIL FROM's SIZE= (RFC 1870)
 
-    @property
-    def idle(self) -> bool:
-        return not self._waiting and not self._tail and not self._lines
-
-    def send(self, data: bytes, replies: int) -> asyncio.Future[list[Reply]]:
-        if self.error is not None:
-            raise self.error
-        self.transport.write(data)  # first: if it raises, nothing waits (replies come later)
-        future: asyncio.Future[list[Reply]] = self._loop.create_future()
-        if not self._waiting:
-            self._progress = self._loop.time()
-            if self._timer is None and self._timeout is not None:
-                self._timer = self._loop.call_at(self._progress + self._timeout, self._watch)
-        self._waiting.append((replies, [], future))
-        return future
-
-    def _watch(self) -> None:
-        self._timer = None
-        if not self._waiting or self._timeout is None:
-            return
-        due = self._progress + self._timeout
-        if self._loop.time() >= due:
-            self.fail(SMTPReadTimeoutError("Timed out waiting for server response"))
-        else:
-            self._timer = self._loop.call_at(due, self._watch)
-
-    def fail(self, exc: BaseException) -> None:
-        """Fail everything pending and cut the line: its state is unknown from here on."""
-        if self.error is None:
-            self.error = exc
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        waiting, self._waiting = self._waiting, deque()
-        for _, got, future in waiting:
-            if future.done():
-                continue
-            if got:  # the replies that did arrive: a refusal among them is the real answer
-                future.set_result(got)
-            else:
-                future.set_exception(exc)
-        if not self.transport.is_closing():
-            self.transport.abort()
-        self._on_lost(self)
-
-    # asyncio.Protocol ------------------------------------------------------------------
-
-    def data_received(self, data: bytes) -> None:
-        if self._tail:
-            data = self._tail + data
-            self._tail = b""
-        start = 0
-        while True:
-            end = data.find(b"\n", start)
-            if end < 0:
-                break
-            line = data[start:end]
-            start = end + 1
-            code = line[:3]
-            mark = line[3:4]
-            if not code.isdigit() or mark not in (b" ", b"-", b"\r", b""):
-                text = line.decode("utf-8", "ignore")
-                self.fail(
-                    aiosmtplib.SMTPResponseException(-1, f"Malformed SMTP response line: {text}")
-                )
-                return
-            self._lines.append(line[4:].strip(b" \t\r\n"))
-            if mark == b"-":
-                continue
-            lines, self._lines = self._lines, []
-            if not self._waiting:
-                self.fail(aiosmtplib.SMTPServerDisconnected("Unexpected reply from the server"))
-                return
-            count, got, future = self._waiting[0]
-            got.append((int(code), lines[0] if len(lines) == 1 else b"\n".join(lines)))
-            if len(got) == count:
-                self._waiting.popleft()
-                if not future.done():
-                    future.set_result(got)
-        if start < len(data):
-            self._tail = data[start:]
-        if len(self._tail) + sum(map(len, self._lines)) > MAX_REPLY:
-            self.fail(aiosmtplib.SMTPResponseException(-1, "Response too long"))
-            return
-        self._progress = self._loop.time()
-
-    def eof_received(self) -> bool:
-        self.fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        lost = aiosmtplib.SMTPServerDisconnected("Connection lost")
-        lost.__cause__ = exc
-        self.fail(lost)
+def _message(data: bytes | Stuffed) -> tuple[bytes, int]:
+    return (data.data, data.size) if isinstance(data, Stuffed) else wire_message(data)
 
 
 def _text(reply: Reply) -> str:
@@ -245,41 +137,130 @@ class PipeliningSMTP(aiosmtplib.SMTP):
         """Send one message; raise what aiosmtplib's ``sendmail`` would raise for the same
         replies. True when the transaction was pipelined. A ``Stuffed`` message goes out
         as it is (aiosmtplib, which stuffs on its own, gets it back in plain form)."""
-        plain = PLAIN_ADDRESS.fullmatch
-        reader = self._reader  # set once this connection is known to pipeline
-        if (
-            reader is None
-            or reader.transport is not self.transport
-            or not (plain(sender) and plain(recipient))
-        ):
-            reader = await self._pipeline(sender, recipient)
-            if reader is None:
-                unstuffed = data.plain() if isinstance(data, Stuffed) else data
-                await self.sendmail(sender, [recipient], unstuffed)
-                return False
-        message, size = (data.data, data.size) if isinstance(data, Stuffed) else wire_message(data)
-        mail = b"MAIL FROM:<" + sender.encode() + b">"
-        if reader.size:
-            mail += b" SIZE=%d" % size
-        envelope = mail + b"\r\nRCPT TO:<" + recipient.encode() + b">\r\nDATA\r\n"
+        reader = await self._reader_for(sender, recipient)
+        if reader is None:
+            unstuffed = data.plain() if isinstance(data, Stuffed) else data
+            await self.sendmail(sender, [recipient], unstuffed)
+            return False
+        message, size = _message(data)
         keep = False
         try:
-            replies = await reader.send(envelope, 3)
+            replies = await reader.send(self._envelope(reader, sender, recipient, size), 3)
             if len(replies) == 3 and _accepted(replies):
                 ((code, text),) = await reader.send(message, 1)
                 keep = code != 421
                 if code != 250:
                     raise aiosmtplib.SMTPDataError(code, _text((code, text)))
                 return True
-            try:
-                keep = await self._reset(reader, replies)
-            except (aiosmtplib.SMTPException, OSError):
-                keep = False  # like aiosmtplib: the refusal is the answer, not the failed RSET
-            _raise_refusal(replies, sender, recipient)
-            raise reader.error or aiosmtplib.SMTPServerDisconnected("Connection lost")
+            keep = True  # _refused closes the line itself when it cannot be reused
+            await self._refused(reader, replies, sender, recipient)
+            raise AssertionError("unreachable: _refused raises")
         finally:
             if not keep:  # a timeout, a drop, a 421, a cancelled send: never reuse the line
                 self.close()
+
+    async def send_chain(self, messages: Sequence[Envelope]) -> list[Chained]:
+        """Send messages one after another, each one's final dot in the same write as the
+        next one's MAIL + RCPT + DATA (RFC 2920: one write and one wake-up per message).
+
+        One result per message attempted, in order: the exception ``send_one`` would have
+        raised for the same replies (or None), the seconds from the write of its envelope
+        to the reply to its message, and whether it was pipelined. Fewer results than
+        messages: the line was lost before the next message got any reply, so nothing of
+        it can have been delivered; the caller sends the rest on a new connection.
+        Errors other than those (a cancelled send) close the line and propagate.
+        """
+        plain = PLAIN_ADDRESS.fullmatch
+        results: list[Chained] = []
+        ahead: list[Reply] | None = None  # replies to the next message's envelope, if chained
+        written = 0.0  # when the next message's envelope went out
+        reader: ReplyReader | None = None
+        prepared: tuple[bytes, int] | None = None  # the next message's wire form, if made
+        try:
+            while len(results) < len(messages):
+                sender, recipient, data = messages[len(results)]
+                pipelined = True
+                try:
+                    message, size = prepared or _message(data)
+                    prepared = None
+                    if ahead is None or reader is None:
+                        written = time.perf_counter()
+                        reader = await self._reader_for(sender, recipient)
+                        if reader is None:
+                            pipelined = await self.send_one(sender, recipient, data)
+                            results.append((None, time.perf_counter() - written, pipelined))
+                            continue
+                        envelope = self._envelope(reader, sender, recipient, size)
+                        replies = await reader.send(envelope, 3)
+                    else:
+                        replies, ahead = ahead, None
+                    if not (len(replies) == 3 and _accepted(replies)):
+                        await self._refused(reader, replies, sender, recipient)
+                    after = len(results) + 1
+                    nxt = messages[after] if after < len(messages) else None
+                    chained = nxt is not None and plain(nxt[0]) and plain(nxt[1])
+                    if nxt is not None and chained:
+                        prepared = _message(nxt[2])
+                        message += self._envelope(reader, nxt[0], nxt[1], prepared[1])
+                    started, written = written, time.perf_counter()
+                    got = await reader.send(message, 4 if chained else 1)
+                    code, text = got[0]
+                    if code == 421:  # closing: the next message goes on a new connection
+                        self.close()
+                    elif chained:
+                        ahead = got[1:] or None  # one reply to it is enough: it was attempted
+                    if code != 250:
+                        raise aiosmtplib.SMTPDataError(code, _text((code, text)))
+                    results.append((None, time.perf_counter() - started, True))
+                except CHAIN_ERRORS as exc:
+                    results.append((exc, time.perf_counter() - written, pipelined))
+                    if not _reusable(exc):  # as SmtpPool.error_for_exception decides
+                        self.close()
+                if ahead is None and not self._usable():
+                    break
+        except BaseException:
+            self.close()  # cancelled mid-chain: what the server saw is unknown
+            raise
+        if ahead is not None:  # the server awaits a message that will not come
+            self.close()
+        return results
+
+    def _usable(self) -> bool:
+        reader = self._reader
+        return self.is_connected and (reader is None or reader.error is None)
+
+    async def _reader_for(self, sender: str, recipient: str) -> ReplyReader | None:
+        """The reader to pipeline a message on; None: send it through aiosmtplib."""
+        plain = PLAIN_ADDRESS.fullmatch
+        reader = self._reader  # set once this connection is known to pipeline
+        if reader is None or reader.transport is not self.transport:
+            return await self._pipeline(sender, recipient)
+        return (
+            reader
+            if plain(sender) and plain(recipient)
+            else await self._pipeline(sender, recipient)
+        )
+
+    @staticmethod
+    def _envelope(reader: ReplyReader, sender: str, recipient: str, size: int) -> bytes:
+        mail = b"MAIL FROM:<" + sender.encode() + b">"
+        if reader.size:
+            mail += b" SIZE=%d" % size
+        return mail + b"\r\nRCPT TO:<" + recipient.encode() + b">\r\nDATA\r\n"
+
+    async def _refused(
+        self, reader: ReplyReader, replies: list[Reply], sender: str, recipient: str
+    ) -> None:
+        """RSET after a refused envelope (closing the line if that fails), then raise the
+        refusal; if no command was refused, the line was lost: raise why."""
+        try:
+            keep = await self._reset(reader, replies)
+        except (aiosmtplib.SMTPException, OSError):
+            keep = False  # like aiosmtplib: the refusal is the answer, not the failed RSET
+        if not keep:
+            self.close()
+        _raise_refusal(replies, sender, recipient)
+        raise reader.error or aiosmtplib.SMTPServerDisconnected("Connection lost")
 
     async def _pipeline(self, sender: str, recipient: str) -> ReplyReader | None:
         """The reader to pipeline this message on, or None to send it through aiosmtplib

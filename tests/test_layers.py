@@ -39,6 +39,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     2: (
         "smtp",
         "smtp_pipeline",
+        "smtp_replies",
         "throttle",
         "statements",
         "render",

@@ -2,7 +2,9 @@
 
 A batch job owns a range of delivery ids. It claims due rows in small chunks
 under a lease (``delivery.claims``), re-checks each subscriber right before
-sending (unsubscribe wins: docs/design.md, invariant 3) and records outcomes
+sending (unsubscribe wins: docs/design.md, invariant 3), hands the messages to
+``delivery.transmit`` (one by one when rate-limited, else a group as one SMTP chain)
+and records outcomes
 every few messages. After a crash the only repeats are messages that were sent
 but not yet recorded (docs/design.md, invariant 2); rows whose lease ran out go
 back to pending and the reconciler re-enqueues them. Rows the batch itself hands
@@ -19,15 +21,14 @@ from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 from sqlalchemy import bindparam, select
 
-from mailer.backoff import retry_delay
-from mailer.blast_state import clear_waiting, finish_if_complete, pause_if_sending
+from mailer.blast_state import clear_waiting, finish_if_complete
 from mailer.db import single_reads, utcnow
 from mailer.delivery.claims import Claimed, Claims, split_by_domain
 from mailer.delivery.status import BlastStatuses
+from mailer.delivery.transmit import Transmitter, outcome_for
 from mailer.models import (
     Blast,
     BlastStatus,
@@ -38,19 +39,11 @@ from mailer.models import (
 )
 from mailer.queue import Queue
 from mailer.record import Outcome, Recorder
-from mailer.render import CompiledMessage, Renderer, StatementContent, make_message_id
+from mailer.render import CompiledMessage, Renderer, StatementContent
 from mailer.runtime import Runtime
-from mailer.smtp import (
-    Connection,
-    PermanentSendError,
-    PolicyError,
-    SendError,
-    SmtpConfigError,
-    SmtpPool,
-)
+from mailer.smtp import SmtpPool
 from mailer.stats import OutcomeStatus
 from mailer.throttle import MAX_REBOOKS, Throttle
-from mailer.wire import Stuffed
 
 log = logging.getLogger("mailer.delivery")
 
@@ -63,11 +56,6 @@ _STILL_SUBSCRIBED = select(Subscriber.id, Subscriber.email).where(
     Subscriber.id.in_(bindparam("ids", expanding=True)),
     Subscriber.status == SubscriberStatus.confirmed,
 )
-
-
-def _outcome(blast_id: int, item: Claimed, status: OutcomeStatus, *args: Any, **kw: Any) -> Outcome:
-    """What became of ``item``; the rest as ``Outcome`` takes it (code, error, ...)."""
-    return Outcome(blast_id, item.delivery_id, item.subscriber_id, status, *args, **kw)
 
 
 @dataclass
@@ -103,6 +91,7 @@ class Sender:
         self.statuses = BlastStatuses(runtime)  # pause and cancel, read once per 0.25 s
         self._reader = single_reads(runtime.engine)  # one round trip per re-check
         self.claims = Claims(runtime)
+        self.transmit = Transmitter(runtime, smtp, self.recorder.stats)
 
     # Public entry point ------------------------------------------------------------
 
@@ -215,7 +204,7 @@ class Sender:
         addresses = await self._still_subscribed([c.subscriber_id for c in claimed])
         for item in claimed:
             if item.subscriber_id not in addresses:
-                await record(_outcome(blast_id, item, OutcomeStatus.skipped))
+                await record(outcome_for(blast_id, item, OutcomeStatus.skipped))
         general, by_domain = split_by_domain(
             [c for c in claimed if c.subscriber_id in addresses],
             addresses,
@@ -263,26 +252,47 @@ class Sender:
                         # long the message would land among later slots: book a new one.
                         if not limited or attempt == MAX_REBOOKS or not slot.late():
                             break
+                    if not limited:  # the group as one chain on one connection (docs/smtp.md)
+                        group = []
+                        for item in items:
+                            email = alive.get(item.subscriber_id)
+                            if email is not None:
+                                group.append((item, email))
+                                continue
+                            held -= 1
+                            skipped = outcome_for(blast_id, item, OutcomeStatus.skipped)
+                            await record(skipped, reserved=True)
+                        outcomes, unsent = await self.transmit.chain(compiled, blast_id, group)
+                        for outcome in outcomes:
+                            held -= 1
+                            attempted.append(1)
+                            await record(outcome, reserved=True)
+                        if unsent:  # the relay is unusable: the blast is paused
+                            stop.append("smtp configuration error")
+                            await recorder.release([c.delivery_id for c in (*unsent, *rest)])
+                            rest.clear()
+                            return False
+                        return True
                     for item in items:
                         held -= 1  # this item's place: its outcome takes it, or is given back
                         email = alive.get(item.subscriber_id)
                         if email is None:
-                            skipped = _outcome(blast_id, item, OutcomeStatus.skipped)
+                            skipped = outcome_for(blast_id, item, OutcomeStatus.skipped)
                             await record(skipped, reserved=True)
                             continue
                         attempted.append(1)
                         try:
-                            outcome = await self._send_one(compiled, blast_id, item, email, conn)
+                            sent = await self.transmit.one(compiled, blast_id, item, email, conn)
                         except BaseException:
                             recorder.unreserve()
                             raise
-                        if outcome is None:
+                        if sent is None:
                             recorder.unreserve()
                             stop.append("smtp configuration error")
                             await recorder.release([c.delivery_id for c in (item, *rest)])
                             rest.clear()
                             return False
-                        await record(outcome, reserved=True)
+                        await record(sent, reserved=True)
                     return True
             finally:
                 if held:
@@ -324,66 +334,6 @@ class Sender:
         if blast_id in recorder.paused:
             report.stopped = "paused: " + recorder.paused.pop(blast_id)
         return report
-
-    def envelope_sender(self, subscriber_id: int, blast_id: int | None = None) -> str:
-        """The Return-Path; with VERP a signed one per subscriber and blast (docs/bounces.md)."""
-        if not self.settings.verp_domain:
-            return self.settings.from_address
-        tag = self.runtime.tokens.bounce_tag(subscriber_id, blast_id)
-        return f"bounces+{tag}@{self.settings.verp_domain}"
-
-    async def _send_one(
-        self,
-        compiled: CompiledMessage,
-        blast_id: int,
-        item: Claimed,
-        email: str,
-        conn: Connection | None,
-    ) -> Outcome | None:
-        """Send one message; None when the relay itself is unusable (the blast is paused)."""
-        failed = OutcomeStatus.failed
-        try:
-            data = compiled.wire(  # ready for DATA: no scan or copy of it in smtp_pipeline
-                to=email,
-                unsubscribe_url=self.runtime.unsubscribe_url(item.subscriber_id),
-                message_id=make_message_id(self.settings, blast_id, item.subscriber_id),
-            )
-        except ValueError as exc:  # an address or URL that cannot be put on the wire
-            return _outcome(blast_id, item, failed, None, str(exc)[:200])
-        try:
-            sender = self.envelope_sender(item.subscriber_id, blast_id)
-            await self._timed_send(sender, email, data, conn)
-        except SmtpConfigError as exc:
-            await pause_if_sending(self.runtime, blast_id, f"SMTP relay unusable: {exc}")
-            return None
-        except PolicyError as exc:
-            return _outcome(blast_id, item, failed, exc.code, exc.message, policy=True)
-        except PermanentSendError as exc:
-            suppress = exc.suppress
-            return _outcome(blast_id, item, failed, exc.code, exc.message, suppress=suppress)
-        except SendError as exc:  # transient: 4xx, timeouts, dropped lines
-            return self._transient(blast_id, item, exc)
-        return _outcome(blast_id, item, OutcomeStatus.sent)
-
-    async def _timed_send(
-        self, sender: str, recipient: str, data: Stuffed, conn: Connection | None
-    ) -> None:
-        started = time.perf_counter()  # for the latency histogram, written with each flush
-        try:
-            await self.smtp.send(sender, recipient, data, conn)
-        finally:
-            self.recorder.stats.observe_smtp(time.perf_counter() - started)
-
-    def _transient(self, blast_id: int, item: Claimed, exc: SendError) -> Outcome:
-        now = utcnow()
-        first = item.first_attempt_at or now
-        if (now - first).total_seconds() >= self.settings.retry_max_age_s:
-            gave_up = f"gave up: {exc.message}"
-            return _outcome(blast_id, item, OutcomeStatus.failed, exc.code, gave_up)
-        delay = retry_delay(item.attempts + 1, self.settings.retry_base_s)
-        later = now + timedelta(seconds=delay)
-        retry = OutcomeStatus.retry
-        return _outcome(blast_id, item, retry, exc.code, exc.message, next_attempt_at=later)
 
     async def _defer_for_quota(self, blast_id: int, items: list[Claimed]) -> None:
         wait = max(1.0, await self.throttle.daily_resets_in())
