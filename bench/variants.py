@@ -37,6 +37,10 @@ run. Variants that no longer apply to the current code say so and exit 3.
   before ``Recorder._turn`` woke one lane at a time (what that buys).
 - ``nochain``: an unlimited group sent one message at a time (two writes and two
   wake-ups per message), as before ``SmtpPool.send_chain`` (what chaining buys).
+- ``inlist``: the id lists of the re-check and of the recorder's UPDATEs as an
+  expanding ``IN`` on PostgreSQL too, as before ``db.ids_in`` (what ``= ANY`` buys).
+- ``txflush``: every recorder flush in a transaction (BEGIN, UPDATE, COMMIT), as before
+  ``db.single_writes`` (what AUTOCOMMIT buys).
 - ``statusherd``: every lane that finds the kept blast status stale reads it itself, as
   before ``delivery.status`` shared one read per process (what that buys).
 """
@@ -364,6 +368,25 @@ def _driverrecheck() -> None:
             return {r[0]: r[1] for r in await raw.fetch(sql, ids)}
 
     delivery.Sender._still_subscribed = still
+
+
+@patch("inlist")
+def _inlist() -> None:
+    """PostgreSQL gets SQLite's statements: an expanding IN, rendered per execution."""
+    from mailer import record
+    from mailer.delivery import sender
+
+    record._SENT[True] = record._SENT[False]
+    record._SKIPPED[True] = record._SKIPPED[False]
+    sender._STILL_SUBSCRIBED[True] = sender._STILL_SUBSCRIBED[False]
+
+
+@patch("txflush")
+def _txflush() -> None:
+    """The recorder writes every flush in a transaction, as it does on SQLite."""
+    from mailer import record
+
+    record.single_writes = lambda engine: None
 
 
 @patch("nochain")

@@ -11,13 +11,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import ARRAY, ColumnElement, any_, bindparam, event
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import InstrumentedAttribute
 
 READONLY = "mailer_readonly"
 
@@ -70,6 +71,31 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 def readonly(engine: AsyncEngine) -> AsyncEngine:
     """The same engine for sessions that only read (no write lock taken on SQLite)."""
     return engine.execution_options(**{READONLY: True})
+
+
+def ids_in(column: InstrumentedAttribute[int], name: str, *, postgres: bool) -> ColumnElement[bool]:
+    """``column`` is one of the ids bound as ``name`` (a list), in a form compiled once.
+
+    An expanding ``IN`` is rendered again for every execution, one placeholder (and on
+    PostgreSQL one cast) per id: on the send path that was about 5 % of a worker's CPU
+    (bench/analysis.md, step 9). PostgreSQL takes the list as one array parameter,
+    ``= ANY($1::INTEGER[])``; SQLite has no arrays and keeps the ``IN``.
+    """
+    if postgres:
+        return column == any_(bindparam(name, type_=ARRAY(column.type)))
+    return column.in_(bindparam(name, expanding=True))
+
+
+def single_writes(engine: AsyncEngine) -> AsyncEngine | None:
+    """The engine for a write that is a single statement, such as the recorder's usual
+    flush (one UPDATE of the rows just sent). On PostgreSQL it runs in AUTOCOMMIT: a
+    single statement is atomic by itself, and asyncpg then sends no BEGIN and no COMMIT
+    (one round trip instead of three). Only for one statement: two or more belong in one
+    transaction (``engine.begin()``). None on SQLite, where BEGIN is ours and costs no
+    round trip: write in a transaction there."""
+    if engine.dialect.name == "sqlite":
+        return None
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def single_reads(engine: AsyncEngine) -> AsyncEngine:

@@ -22,10 +22,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import select
 
 from mailer.blast_state import clear_waiting, finish_if_complete
-from mailer.db import single_reads, utcnow
+from mailer.db import ids_in, single_reads, utcnow
 from mailer.delivery.claims import Claimed, Claims, split_by_domain
 from mailer.delivery.status import BlastStatuses
 from mailer.delivery.transmit import Transmitter, outcome_for
@@ -52,10 +52,14 @@ GROUP_UNLIMITED = 16  # messages a lane re-checks in one query and sends when un
 JOB_BUDGET_S = 60.0  # a job longer than this hands the rest of its range to a new job
 
 
-_STILL_SUBSCRIBED = select(Subscriber.id, Subscriber.email).where(
-    Subscriber.id.in_(bindparam("ids", expanding=True)),
-    Subscriber.status == SubscriberStatus.confirmed,
-)
+# The re-check, built once per dialect (db.ids_in).
+_STILL_SUBSCRIBED = {
+    postgres: select(Subscriber.id, Subscriber.email).where(
+        ids_in(Subscriber.id, "ids", postgres=postgres),
+        Subscriber.status == SubscriberStatus.confirmed,
+    )
+    for postgres in (False, True)
+}
 
 
 @dataclass
@@ -90,6 +94,7 @@ class Sender:
         self.recorder = Recorder(runtime)
         self.statuses = BlastStatuses(runtime)  # pause and cancel, read once per 0.25 s
         self._reader = single_reads(runtime.engine)  # one round trip per re-check
+        self._still = _STILL_SUBSCRIBED[runtime.engine.dialect.name == "postgresql"]
         self.claims = Claims(runtime)
         self.transmit = Transmitter(runtime, smtp, self.recorder.stats)
 
@@ -183,7 +188,7 @@ class Sender:
         # No transaction on PostgreSQL (db.single_reads) and a statement built once: this
         # runs for every group of messages (every one when rate-limited), P3.
         async with self._reader.connect() as conn:
-            rows = await conn.execute(_STILL_SUBSCRIBED, {"ids": subscriber_ids})
+            rows = await conn.execute(self._still, {"ids": subscriber_ids})
             return {r[0]: r[1] for r in rows}
 
     async def _send_chunk(self, blast_id: int, claimed: list[Claimed]) -> BatchReport:
