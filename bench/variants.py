@@ -41,6 +41,8 @@ run. Variants that no longer apply to the current code say so and exit 3.
   expanding ``IN`` on PostgreSQL too, as before ``db.ids_in`` (what ``= ANY`` buys).
 - ``txflush``: every recorder flush in a transaction (BEGIN, UPDATE, COMMIT), as before
   ``db.single_writes`` (what AUTOCOMMIT buys).
+- ``onechain``, ``chains2``, ``chains8``: an unlimited group sent as one chain on one
+  connection, or as two or eight at once, instead of four (``transmit.CHAINS_PER_GROUP``).
 - ``statusherd``: every lane that finds the kept blast status stale reads it itself, as
   before ``delivery.status`` shared one read per process (what that buys).
 """
@@ -389,6 +391,27 @@ def _txflush() -> None:
     record.single_writes = lambda engine: None
 
 
+@patch("onechain")
+def _onechain() -> None:
+    from mailer.delivery import transmit
+
+    transmit.CHAINS_PER_GROUP = 1
+
+
+@patch("chains2")
+def _chains2() -> None:
+    from mailer.delivery import transmit
+
+    transmit.CHAINS_PER_GROUP = 2
+
+
+@patch("chains8")
+def _chains8() -> None:
+    from mailer.delivery import transmit
+
+    transmit.CHAINS_PER_GROUP = 8
+
+
 @patch("nochain")
 def _nochain() -> None:
     """Transmitter.chain sending each message of the group alone (``Transmitter.one``),
@@ -418,6 +441,12 @@ def _group4() -> None:
     """Lanes of an unlimited blast take 4 messages at a time instead of 16: with the
     recorder's 20 places, five lanes send at once instead of one."""
     _group(4)
+
+
+@patch("group10")
+def _group10() -> None:
+    """Lanes of 10: two groups fit in the recorder's 20 places at once."""
+    _group(10)
 
 
 @patch("group8")

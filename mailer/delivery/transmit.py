@@ -11,6 +11,7 @@ next one's envelope, one write and one wake-up per message (docs/smtp.md, RFC 29
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import timedelta
 from typing import Any
@@ -32,6 +33,9 @@ from mailer.smtp import (
 )
 from mailer.stats import OutcomeStatus, SendStats
 from mailer.wire import Stuffed
+
+# An unlimited group goes out as this many chains at once, on as many connections.
+CHAINS_PER_GROUP = 4
 
 
 def outcome_for(
@@ -92,7 +96,14 @@ class Transmitter:
     async def chain(
         self, compiled: CompiledMessage, blast_id: int, group: list[tuple[Claimed, str]]
     ) -> tuple[list[Outcome], list[Claimed]]:
-        """Send a group of messages as one chain on one connection.
+        """Send a group of messages as CHAINS_PER_GROUP chains at once, each on its own
+        connection.
+
+        A chain waits for the relay's reply to each message before it writes the next, so
+        one chain at a time leaves the worker idle for a round trip per message. The
+        group's places in the recorder's buffer are taken before it is sent, so sending
+        it over several connections at once changes nothing in what a crash can repeat
+        (docs/design.md, invariant 2).
 
         Returns the outcomes, and the items not attempted because the relay is unusable
         (the blast is paused then; the caller gives their rows back).
@@ -109,14 +120,29 @@ class Transmitter:
                 continue
             sendable.append(item)
             messages.append((self.envelope_sender(item.subscriber_id, blast_id), email, data))
-        results = await self.smtp.send_chain(messages) if messages else []
-        for i, (item, (error, seconds)) in enumerate(zip(sendable, results, strict=False)):
-            self.stats.observe_smtp(seconds)
-            outcome = await self._outcome(blast_id, item, error)
-            if outcome is None:  # the relay is unusable: this one and the rest wait
-                return outcomes, sendable[i:]
-            outcomes.append(outcome)
-        return outcomes, []
+        size = -(-len(messages) // CHAINS_PER_GROUP)  # the parts, as even as can be
+        starts = range(0, len(messages), size or 1)
+        async with asyncio.TaskGroup() as tasks:  # a failure in one cancels the other
+            running = [tasks.create_task(self.smtp.send_chain(messages[i : i + size]))
+                       for i in starts]  # fmt: skip
+        parts = [task.result() for task in running]
+        unsent: list[Claimed] = []
+        paused = False
+        for start, results in zip(starts, parts, strict=True):
+            items = sendable[start : start + size]
+            for i, item in enumerate(items):
+                error, seconds = results[i] if i < len(results) else (None, 0.0)
+                if i >= len(results) or isinstance(error, SmtpConfigError):
+                    unsent.append(item)  # the relay is unusable: it waits, with the blast
+                    if not paused and isinstance(error, SmtpConfigError):
+                        paused = True
+                        await self._outcome(blast_id, item, error)  # pauses the blast
+                    continue
+                self.stats.observe_smtp(seconds)
+                outcome = await self._outcome(blast_id, item, error)
+                assert outcome is not None  # only an SmtpConfigError has none
+                outcomes.append(outcome)
+        return outcomes, unsent
 
     async def _outcome(
         self, blast_id: int, item: Claimed, error: SendError | SmtpConfigError | None
