@@ -43,6 +43,8 @@ run. Variants that no longer apply to the current code say so and exit 3.
   ``db.single_writes`` (what AUTOCOMMIT buys).
 - ``onechain``, ``chains2``, ``chains8``: an unlimited group sent as one chain on one
   connection, or as two or eight at once, instead of four (``transmit.CHAINS_PER_GROUP``).
+- ``nodriver``: the re-check and the recorder's usual flush through SQLAlchemy's execute
+  path on asyncpg too, as before ``driver_sql`` ran them on asyncpg itself.
 - ``statusherd``: every lane that finds the kept blast status stale reads it itself, as
   before ``delivery.status`` shared one read per process (what that buys).
 """
@@ -410,6 +412,14 @@ def _chains8() -> None:
     from mailer.delivery import transmit
 
     transmit.CHAINS_PER_GROUP = 8
+
+
+@patch("nodriver")
+def _nodriver() -> None:
+    from mailer import record
+    from mailer.delivery import sender
+
+    record.on_driver = sender.on_driver = lambda engine: False
 
 
 @patch("nochain")

@@ -15,14 +15,15 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import BindParameter, Executable, bindparam, update
+from sqlalchemy import BindParameter, Update, bindparam, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mailer.blast_state import count_policy_failures
 from mailer.bounces import BounceEvent, apply_events, send_event
 from mailer.db import ids_in, single_writes, utcnow
+from mailer.driver_sql import DriverStatement, execute, on_driver
 from mailer.models import Delivery, DeliveryStatus
 from mailer.runtime import Runtime
 from mailer.stats import OutcomeStatus, SendStats
@@ -176,8 +177,13 @@ class Recorder:
             # The usual flush of a blast: one UPDATE of the sent rows. A single statement is
             # atomic by itself, so on PostgreSQL it runs without BEGIN and COMMIT: one round
             # trip instead of three (db.single_writes).
-            async with self._single.connect() as conn:
-                await conn.execute(*updates[0])
+            statement, params = updates[0]
+            if on_driver(self.runtime.engine):  # asyncpg runs it itself (driver_sql)
+                driver = DriverStatement.cached(statement, self.runtime.engine.dialect)
+                await execute(self.runtime.engine, driver, cast(dict[str, Any], params))
+            else:
+                async with self._single.connect() as conn:
+                    await conn.execute(statement, params)
         else:
             await self._write_in_transaction(updates, blasts, refused, policy, now)
         counts = {s: len(rows) for s, rows in by_status.items()}
@@ -186,7 +192,7 @@ class Recorder:
 
     async def _write_in_transaction(
         self,
-        updates: list[tuple[Executable, dict[str, Any] | list[dict[str, Any]]]],
+        updates: list[tuple[Update, dict[str, Any] | list[dict[str, Any]]]],
         blasts: list[int],
         refused: list[BounceEvent],
         policy: list[Outcome],
@@ -315,7 +321,7 @@ _RETRY = (
 
 def _delivery_updates(
     by_status: dict[str, list[Outcome]], now: datetime, postgres: bool
-) -> list[tuple[Executable, dict[str, Any] | list[dict[str, Any]]]]:
+) -> list[tuple[Update, dict[str, Any] | list[dict[str, Any]]]]:
     """The flush's writes to ``deliveries``: one statement per outcome kind present.
 
     Sent and skipped rows share their values (one UPDATE … WHERE id IN); failed and retry
@@ -323,7 +329,7 @@ def _delivery_updates(
     executed once with every row's parameters: an executemany, one round trip). The
     columns written per kind are exactly those of the row-at-a-time version before it.
     """
-    out: list[tuple[Executable, dict[str, Any] | list[dict[str, Any]]]] = []
+    out: list[tuple[Update, dict[str, Any] | list[dict[str, Any]]]] = []
     if rows := by_status.get(OutcomeStatus.sent):
         out.append((_SENT[postgres], {"b_ids": [o.delivery_id for o in rows], "b_now": now}))
     if rows := by_status.get(OutcomeStatus.skipped):

@@ -9,17 +9,15 @@ SQLAlchemy reserves the column names for the VALUES and SET clauses.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 from sqlalchemy import String, Table, Text, bindparam, literal, or_, select, update
 from sqlalchemy import insert as core_insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Dialect
-from sqlalchemy.sql import ClauseElement
-from sqlalchemy.sql.compiler import SQLCompiler
 
+from mailer.driver_sql import DriverStatement
 from mailer.models import Subscriber, SubscriberEvent, SubscriberStatus, UTCDateTime
 
 _SUBS = cast(Table, Subscriber.__table__)
@@ -96,46 +94,6 @@ CLAIM = (
 )
 
 
-class DriverStatement(NamedTuple):
-    """A statement compiled by SQLAlchemy for one dialect, to run on the driver itself.
-
-    For asyncpg, SQLAlchemy's execute path (execution context, cursor adapter, result)
-    and its async pool wrapper cost about 150 µs of CPU per call around a statement
-    asyncpg runs in under 80 (bench/analysis.md, "Round two, step 3"). The SQL, the order
-    of its parameters, their fixed values and the bind processors of their types
-    (``UTCDateTime``) all still come from SQLAlchemy, so the statement is the same one.
-    """
-
-    sql: str
-    names: tuple[str, ...]
-    fixed: dict[str, Any]
-    processors: tuple[Callable[[Any], Any] | None, ...]
-
-    @classmethod
-    def compile(cls, statement: ClauseElement, dialect: Dialect) -> DriverStatement:
-        compiled = cast(SQLCompiler, statement.compile(dialect=dialect))
-        names = tuple(compiled.positiontup or ())
-        processors = tuple(
-            compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
-            for name in names
-        )
-        return cls(str(compiled), names, dict(compiled.params), processors)
-
-    def args(self, values: dict[str, Any]) -> list[Any]:
-        """The positional arguments for ``values`` (named as in the statement)."""
-        merged = {**self.fixed, **values}
-        return [
-            merged[name] if process is None else process(merged[name])
-            for name, process in zip(self.names, self.processors, strict=True)
-        ]
-
-
-_COMPILED: dict[type[Dialect], DriverStatement] = {}
-
-
 def pg_signup_for(dialect: Dialect) -> DriverStatement:
     """``PG_SIGNUP`` for this dialect, compiled on first use (one per dialect class)."""
-    found = _COMPILED.get(type(dialect))
-    if found is None:
-        found = _COMPILED[type(dialect)] = DriverStatement.compile(PG_SIGNUP, dialect)
-    return found
+    return DriverStatement.cached(PG_SIGNUP, dialect)

@@ -34,6 +34,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "csvsafe",
         "config_values",
         "wire",
+        "driver_sql",
     ),
     1: ("models", "runtime", "stats", "heartbeat", "queue", "dkim"),
     2: (

@@ -29,6 +29,7 @@ from mailer.db import ids_in, single_reads, utcnow
 from mailer.delivery.claims import Claimed, Claims, split_by_domain
 from mailer.delivery.status import BlastStatuses
 from mailer.delivery.transmit import Transmitter, outcome_for
+from mailer.driver_sql import DriverStatement, fetch, on_driver
 from mailer.models import (
     Blast,
     BlastStatus,
@@ -95,6 +96,11 @@ class Sender:
         self.statuses = BlastStatuses(runtime)  # pause and cancel, read once per 0.25 s
         self._reader = single_reads(runtime.engine)  # one round trip per re-check
         self._still = _STILL_SUBSCRIBED[runtime.engine.dialect.name == "postgresql"]
+        self._still_driver = (  # asyncpg runs it itself: about half the CPU (driver_sql)
+            DriverStatement.cached(self._still, runtime.engine.dialect)
+            if on_driver(runtime.engine)
+            else None
+        )
         self.claims = Claims(runtime)
         self.transmit = Transmitter(runtime, smtp, self.recorder.stats)
 
@@ -187,9 +193,12 @@ class Sender:
         """Addresses of the given subscribers that are still confirmed, read right now."""
         # No transaction on PostgreSQL (db.single_reads) and a statement built once: this
         # runs for every group of messages (every one when rate-limited), P3.
-        async with self._reader.connect() as conn:
-            rows = await conn.execute(self._still, {"ids": subscriber_ids})
+        if self._still_driver is not None:
+            rows = await fetch(self.runtime.engine, self._still_driver, {"ids": subscriber_ids})
             return {r[0]: r[1] for r in rows}
+        async with self._reader.connect() as conn:
+            result = await conn.execute(self._still, {"ids": subscriber_ids})
+            return {r[0]: r[1] for r in result}
 
     async def _send_chunk(self, blast_id: int, claimed: list[Claimed]) -> BatchReport:
         compiled = await self._compiled_for(blast_id)
