@@ -125,23 +125,22 @@ class Transmitter:
         async with asyncio.TaskGroup() as tasks:  # a failure in one cancels the other
             running = [tasks.create_task(self.smtp.send_chain(messages[i : i + size]))
                        for i in starts]  # fmt: skip
-        parts = [task.result() for task in running]
         unsent: list[Claimed] = []
-        paused = False
-        for start, results in zip(starts, parts, strict=True):
-            items = sendable[start : start + size]
-            for i, item in enumerate(items):
-                error, seconds = results[i] if i < len(results) else (None, 0.0)
-                if i >= len(results) or isinstance(error, SmtpConfigError):
-                    unsent.append(item)  # the relay is unusable: it waits, with the blast
-                    if not paused and isinstance(error, SmtpConfigError):
-                        paused = True
-                        await self._outcome(blast_id, item, error)  # pauses the blast
-                    continue
+        unusable: SmtpConfigError | None = None
+        for start, task in zip(starts, running, strict=True):
+            items, results = sendable[start : start + size], task.result()
+            last = results[-1][0] if results else None
+            if isinstance(last, SmtpConfigError):  # the relay is unusable: the chain ended there
+                unusable = last
+                results = results[:-1]
+            unsent += items[len(results) :]  # they wait, with the blast
+            for item, (error, seconds) in zip(items, results, strict=False):
                 self.stats.observe_smtp(seconds)
                 outcome = await self._outcome(blast_id, item, error)
                 assert outcome is not None  # only an SmtpConfigError has none
                 outcomes.append(outcome)
+        if unusable is not None:
+            await self._pause(blast_id, unusable)
         return outcomes, unsent
 
     async def _outcome(
@@ -151,7 +150,7 @@ class Transmitter:
         if error is None:
             return outcome_for(blast_id, item, OutcomeStatus.sent)
         if isinstance(error, SmtpConfigError):
-            await pause_if_sending(self.runtime, blast_id, f"SMTP relay unusable: {error}")
+            await self._pause(blast_id, error)
             return None
         if isinstance(error, PolicyError):
             return outcome_for(blast_id, item, failed, error.code, error.message, policy=True)
@@ -159,6 +158,9 @@ class Transmitter:
             suppress = error.suppress
             return outcome_for(blast_id, item, failed, error.code, error.message, suppress=suppress)
         return self._transient(blast_id, item, error)  # 4xx, timeouts, dropped lines
+
+    async def _pause(self, blast_id: int, error: SmtpConfigError) -> None:
+        await pause_if_sending(self.runtime, blast_id, f"SMTP relay unusable: {error}")
 
     def _transient(self, blast_id: int, item: Claimed, exc: SendError) -> Outcome:
         now = utcnow()
