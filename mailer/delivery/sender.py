@@ -266,7 +266,7 @@ class Sender:
                         # long the message would land among later slots: book a new one.
                         if not limited or attempt == MAX_REBOOKS or not slot.late():
                             break
-                    if not limited:  # the group as one chain on one connection (docs/smtp.md)
+                    if not limited:  # the group as chains, one per connection (docs/smtp.md)
                         group = []
                         for item in items:
                             email = alive.get(item.subscriber_id)

@@ -4,9 +4,10 @@ The sender (``delivery.sender``) decides what goes out and when: claims, re-chec
 throttles. This stage renders each message for its recipient, hands it to the SMTP pool
 and turns the relay's answer into an ``Outcome`` for the recorder, by the rules of
 ``smtp.RULES`` (docs/smtp.md). A rate-limited message goes out alone, on the connection
-its sender holds from before its slot. An unlimited group goes out as one chain on one
-connection (``SmtpPool.send_chain``): each message's final dot in the same write as the
-next one's envelope, one write and one wake-up per message (docs/smtp.md, RFC 2920).
+its sender holds from before its slot. An unlimited group goes out as four chains at
+once, each on its own connection (``SmtpPool.send_chain``): each message's final dot in
+the same write as the next one's envelope, one write and one wake-up per message
+(docs/smtp.md, RFC 2920).
 """
 
 from __future__ import annotations
