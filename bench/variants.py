@@ -45,6 +45,10 @@ run. Variants that no longer apply to the current code say so and exit 3.
   connection, or as two or eight at once, instead of four (``transmit.CHAINS_PER_GROUP``).
 - ``nodriver``: the re-check and the recorder's usual flush through SQLAlchemy's execute
   path on asyncpg too, as before ``driver_sql`` ran them on asyncpg itself.
+- ``noredis``: the recorder's flush writes no Redis counters (what they cost per message;
+  not a proposal: /metrics reads them).
+- ``countereveryflush``: the Redis counters written by every flush, as before
+  ``record.COUNTERS_SECONDS``.
 - ``statusherd``: every lane that finds the kept blast status stale reads it itself, as
   before ``delivery.status`` shared one read per process (what that buys).
 """
@@ -420,6 +424,23 @@ def _nodriver() -> None:
     from mailer.delivery import sender
 
     record.on_driver = sender.on_driver = lambda engine: False
+
+
+@patch("noredis")
+def _noredis() -> None:
+    from mailer import record
+
+    async def nothing(self: Any, *args: Any) -> None:
+        return None
+
+    record.Recorder._count_in_redis = nothing
+
+
+@patch("countereveryflush")
+def _countereveryflush() -> None:
+    from mailer import record
+
+    record.COUNTERS_SECONDS = 0.0
 
 
 @patch("nochain")

@@ -32,6 +32,10 @@ log = logging.getLogger("mailer.record")
 
 FLUSH_EVERY = 20  # outcomes buffered before a write: also the bound on repeats after a crash
 FLUSH_SECONDS = 0.2
+# The Redis counters of outcomes (/metrics, `mailer status`) are written at most this often,
+# and by the flush that ends a chunk: once per flush they cost about 8 % of a worker's CPU
+# per message (bench/analysis.md, step 9). SQL, not Redis, says what was sent.
+COUNTERS_SECONDS = 0.25
 
 
 @dataclass
@@ -60,6 +64,10 @@ class Recorder:
         self.runtime = runtime
         self.buffer: list[Outcome] = []
         self.last_flush = time.monotonic()
+        self.counted_at = time.monotonic()  # when the Redis counters were last written
+        self._counts: Counter[str] = Counter()  # outcome status -> n, not yet in Redis
+        self._blast_counts: Counter[tuple[int, str]] = Counter()
+        self._sent_at: Counter[int] = Counter()  # second -> messages sent then
         self.paused: dict[int, str] = {}  # blast id -> reason, for batches to notice
         self.stats = SendStats()  # SMTP latency and throttle waits, written with each flush
         self._lock = asyncio.Lock()
@@ -149,7 +157,8 @@ class Recorder:
             )
             await session.commit()
 
-    async def flush(self, *, only_if_due: bool = False) -> None:
+    async def flush(self, *, only_if_due: bool = False, final: bool = False) -> None:
+        """Write the buffer; ``final`` (a chunk's last flush) also writes the counters."""
         async with self._lock:
             # Lanes that queued behind a flush find the buffer already written: without
             # this check each would write the few outcomes added meanwhile (a convoy).
@@ -159,6 +168,8 @@ class Recorder:
             self.last_flush = time.monotonic()
             if batch:
                 await self._write(batch)
+            if final or self.last_flush - self.counted_at >= COUNTERS_SECONDS:
+                await self._count_in_redis()
         self._wake()  # the buffer has room again
 
     async def _write(self, batch: list[Outcome]) -> None:
@@ -186,8 +197,11 @@ class Recorder:
                     await conn.execute(statement, params)
         else:
             await self._write_in_transaction(updates, blasts, refused, policy, now)
-        counts = {s: len(rows) for s, rows in by_status.items()}
-        await self._count_in_redis(counts, batch)
+        for status, rows in by_status.items():
+            self._counts[status] += len(rows)
+        self._blast_counts.update((o.blast_id, o.status) for o in batch)
+        if sent := len(by_status.get(OutcomeStatus.sent, ())):
+            self._sent_at[int(time.time())] += sent
         self._warn_failures(batch)
 
     async def _write_in_transaction(
@@ -239,19 +253,23 @@ class Recorder:
                 if reason is not None:
                     self.paused[blast_id] = reason
 
-    async def _count_in_redis(self, counts: dict[str, int], batch: list[Outcome]) -> None:
+    async def _count_in_redis(self) -> None:
         """Process-independent counters, summed across every worker, for /metrics."""
         keys = self.runtime.keys
-        second = int(time.time())
+        self.counted_at = time.monotonic()
+        counts, self._counts = self._counts, Counter()
+        blast_counts, self._blast_counts = self._blast_counts, Counter()
+        sent_at, self._sent_at = self._sent_at, Counter()
         async with self.runtime.redis.pipeline(transaction=False) as pipe:
             for status, n in counts.items():
                 pipe.hincrby(keys.counters, f"messages_{status}", n)
-            for (blast_id, status), n in Counter((o.blast_id, o.status) for o in batch).items():
+            for (blast_id, status), n in blast_counts.items():
                 pipe.hincrby(keys.blast_counters, f"{blast_id}:{status}", n)
-            if counts.get(OutcomeStatus.sent):
-                pipe.hincrby(keys.sent_log, str(second), counts[OutcomeStatus.sent])
+            for second, n in sent_at.items():
+                pipe.hincrby(keys.sent_log, str(second), n)
             self.stats.drain_into(pipe, keys)
-            await pipe.execute()
+            if pipe.command_stack:
+                await pipe.execute()
 
     @staticmethod
     def _warn_failures(batch: list[Outcome]) -> None:

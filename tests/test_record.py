@@ -59,7 +59,7 @@ async def test_a_mixed_flush_writes_each_rows_own_values_in_one_transaction(
             for email, status, code, error, kw in outcomes
         ]
         before = utcnow()
-        await recorder.flush()
+        await recorder.flush(final=True)  # as at the end of a chunk: the counters too
         assert writes.count("COMMIT") == 1  # the whole flush, bounce events included
         assert writes.count("UPDATE deliveries") == 4  # one per kind, not one per row
         rows = {
@@ -143,6 +143,44 @@ async def test_policy_counts_pause_the_blast_in_the_flush_that_reaches_the_limit
             settings, "SELECT policy_failures, status, reason FROM blasts"
         )
         assert (failures, status) == (4, "paused") and "5.7.1 spam" in reason
+    finally:
+        await runtime.close()
+
+
+async def test_counters_trail_the_flushes_and_the_last_flush_of_a_chunk_writes_them(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis counters are written at most every COUNTERS_SECONDS, not by every flush; what
+    the flushes in between counted is summed, and the flush that ends a chunk writes it."""
+    from mailer import record
+
+    monkeypatch.setattr(record, "COUNTERS_SECONDS", 3600.0)  # no flush here is due for it
+    emails = (await seed_subscribers(settings, confirmed=5))["confirmed"]
+    blast_id, deliveries = await sending_blast(settings, emails)
+    ids = {email: int(i) for email, i in await sql(settings, "SELECT email, id FROM subscribers")}
+    runtime = Runtime.create(settings)
+    redis = runtime.redis
+
+    def sent(email: str) -> Outcome:
+        return Outcome(blast_id, deliveries[email], ids[email], OutcomeStatus.sent)
+
+    try:
+        recorder = Recorder(runtime)
+        for email in emails[:3]:
+            recorder.buffer = [sent(email)]
+            await recorder.flush()
+        assert await sql(settings, "SELECT count(*) FROM deliveries WHERE status = 'sent'") == [
+            (3,)
+        ]
+        assert await redis.hgetall(runtime.keys.counters) == {}  # type: ignore[misc]
+        recorder.buffer = [sent(e) for e in emails[3:]]
+        await recorder.flush(final=True)
+        counters = await redis.hgetall(runtime.keys.counters)  # type: ignore[misc]
+        assert {k.decode(): int(v) for k, v in counters.items()} == {"messages_sent": 5}
+        by_blast = await redis.hgetall(runtime.keys.blast_counters)  # type: ignore[misc]
+        assert by_blast == {f"{blast_id}:sent".encode(): b"5"}
+        per_second = await redis.hgetall(runtime.keys.sent_log)  # type: ignore[misc]
+        assert sum(int(v) for v in per_second.values()) == 5
     finally:
         await runtime.close()
 

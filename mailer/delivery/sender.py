@@ -339,7 +339,7 @@ class Sender:
             )
         finally:
             renewal.cancel()
-        await recorder.flush()
+        await recorder.flush(final=True)
         if self.settings.daily_quota and granted > len(attempted):
             # Quota is for mail that went out, not for people who left or a stopped batch.
             await self.throttle.release_daily(granted - len(attempted))
