@@ -9,7 +9,8 @@ usual flush) skip that path on asyncpg; the others, and SQLite, keep it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any, NamedTuple, cast
 
 from sqlalchemy.engine import Dialect
@@ -66,28 +67,30 @@ def on_driver(engine: AsyncEngine) -> bool:
     return engine.dialect.driver == "asyncpg"
 
 
+@asynccontextmanager
+async def driver_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
+    """asyncpg's own connection, checked out of the engine's pool, outside any transaction
+    (each statement commits by itself). One that raised is never reused: SQLAlchemy did
+    not see it fail, so it is invalidated instead of going back to the pool."""
+    async with engine.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
+        try:
+            yield raw
+        except BaseException:
+            await conn.invalidate()
+            raise
+
+
 async def fetch(
     engine: AsyncEngine, statement: DriverStatement, values: dict[str, Any]
 ) -> list[Any]:
-    """Run ``statement`` on one of the pool's connections, outside any transaction
-    (each statement commits by itself), and return its rows (asyncpg ``Record``s)."""
-    async with engine.connect() as conn:
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None
-        try:
-            return cast(list[Any], await raw.fetch(statement.sql, *statement.args(values)))
-        except BaseException:  # SQLAlchemy did not see it fail: never reuse the connection
-            await conn.invalidate()
-            raise
+    """Run ``statement`` on the driver, and return its rows (asyncpg ``Record``s)."""
+    async with driver_connection(engine) as raw:
+        return cast(list[Any], await raw.fetch(statement.sql, *statement.args(values)))
 
 
 async def execute(engine: AsyncEngine, statement: DriverStatement, values: dict[str, Any]) -> None:
-    """Run ``statement`` as ``fetch`` does, for a statement that returns no rows."""
-    async with engine.connect() as conn:
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None
-        try:
-            await raw.execute(statement.sql, *statement.args(values))
-        except BaseException:  # SQLAlchemy did not see it fail: never reuse the connection
-            await conn.invalidate()
-            raise
+    """Run ``statement``, which returns no rows, on the driver."""
+    async with driver_connection(engine) as raw:
+        await raw.execute(statement.sql, *statement.args(values))

@@ -20,6 +20,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from mailer.db import utcnow
+from mailer.driver_sql import driver_connection
 from mailer.errors import Invalid
 from mailer.models import Subscriber, SubscriberEvent, SubscriberStatus
 from mailer.signup_statements import (
@@ -191,14 +192,8 @@ async def _insert_new(engine: AsyncEngine, values: dict[str, Any]) -> int | None
         # One statement, outside any transaction (autocommit), on the pool's connection
         # but through asyncpg itself: SQLAlchemy built it (mailer/signup_statements.py).
         statement = pg_signup_for(engine.dialect)
-        async with engine.connect() as conn:
-            raw = (await conn.get_raw_connection()).driver_connection
-            assert raw is not None
-            try:
-                sub_id = await raw.fetchval(statement.sql, *statement.args(values))
-            except BaseException:  # SQLAlchemy did not see it fail: never reuse it
-                await conn.invalidate()
-                raise
+        async with driver_connection(engine) as raw:
+            sub_id = await raw.fetchval(statement.sql, *statement.args(values))
     elif engine.dialect.name == "postgresql":
         async with engine.connect() as conn:
             await conn.execution_options(isolation_level="AUTOCOMMIT")  # one statement
