@@ -1130,7 +1130,10 @@ async def explore_worker(run: Run, sink: Sink, variants: list[str], recipients: 
                         rec.start()
                     async with Blaster(settings) as blaster:
                         watch.begin()
-                        result = await blaster.blast(statement, timeout=900, log_tail=w.log_tail)
+                        # 100 msg/s at least (mailer sends thousands): a variant that breaks
+                        # the worker is reported in minutes, not after a quarter of an hour.
+                        limit = max(120.0, recipients / 100)
+                        result = await blaster.blast(statement, timeout=limit, log_tail=w.log_tail)
                         used = watch.end()
                     if rec is not None and rep == 0:
                         prof = rec.stop()
