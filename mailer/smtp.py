@@ -23,7 +23,7 @@ import aiosmtplib
 from mailer.config import Settings, SmtpSecurity
 from mailer.dkim import DkimSigner
 from mailer.errors import MailerError
-from mailer.smtp_pipeline import CHAIN_ERRORS, Envelope, PipeliningSMTP
+from mailer.smtp_pipeline import CHAIN_ERRORS, Envelope, PipeliningSMTP, line_survives
 from mailer.wire import Stuffed
 
 # What SmtpPool.held lends a sender: one relay connection.
@@ -226,8 +226,7 @@ class SmtpPool:
         A blast message comes ready for DATA (``Stuffed``); DKIM signs the message
         itself, so a signed one goes on as plain bytes (signing costs milliseconds, the
         stuffing is nothing next to it)."""
-        if self._dkim is not None:
-            data = self._dkim.sign(data.plain() if isinstance(data, Stuffed) else data)
+        data = self._signed(data)
         if client is not None:
             return await self._send_on(client, sender, recipient, data)
         idle = await self._idle.get()  # per message on unlimited blasts: no context manager
@@ -245,9 +244,7 @@ class SmtpPool:
         unusable) ends it early: it is the last result, and the rest were not attempted.
         """
         if self._dkim is not None:
-            dkim = self._dkim
-            messages = [(s, r, dkim.sign(d.plain() if isinstance(d, Stuffed) else d))
-                        for s, r, d in messages]  # fmt: skip
+            messages = [(s, r, self._signed(d)) for s, r, d in messages]
         results: list[Result] = []
         client = await self._idle.get()
         try:
@@ -277,6 +274,14 @@ class SmtpPool:
             self._idle.put_nowait(client)
         return results
 
+    def _signed(self, data: bytes | Stuffed) -> bytes | Stuffed:
+        """The message DKIM-signed, if signing is on. DKIM signs the message itself, so a
+        signed one goes on as plain bytes (signing costs milliseconds, the stuffing is
+        nothing next to it)."""
+        if self._dkim is None:
+            return data
+        return self._dkim.sign(data.plain() if isinstance(data, Stuffed) else data)
+
     async def _send_on(
         self, client: Connection, sender: str, recipient: str, data: bytes | Stuffed
     ) -> None:
@@ -294,16 +299,15 @@ class SmtpPool:
     @staticmethod
     def error_for_exception(client: Connection, exc: BaseException, recipient: str) -> SendError:
         """The typed error for what aiosmtplib (or the pipeline) raised; a line whose state
-        is in doubt is closed."""
+        is in doubt is closed (smtp_pipeline.line_survives)."""
+        if not line_survives(exc):
+            client.close()
         if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
             refused = exc.recipients[0]
             return error_for(refused.code, refused.message, recipient)
         if isinstance(exc, aiosmtplib.SMTPResponseException):
-            if exc.code == 421:
-                client.close()
             return error_for(exc.code, exc.message, recipient)
-        client.close()  # disconnected, timed out, or a socket error
-        return TransientSendError(None, f"connection lost: {exc}", recipient)
+        return TransientSendError(None, f"connection lost: {exc}", recipient)  # line lost
 
     async def close(self) -> None:
         clients = []

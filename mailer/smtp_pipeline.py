@@ -69,8 +69,10 @@ CHAIN_ERRORS = (
 )
 
 
-def _reusable(exc: BaseException) -> bool:
-    """A refusal leaves the line usable, unless it is a 421 (the server is closing)."""
+def line_survives(exc: BaseException) -> bool:
+    """Whether the connection may carry another message after ``exc`` (one of
+    CHAIN_ERRORS): a refusal leaves it usable, unless it is a 421 (the server is closing);
+    a lost line, a timeout or a socket error does not."""
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         return True
     return isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code != 421
@@ -198,7 +200,12 @@ class PipeliningSMTP(aiosmtplib.SMTP):
                         await self._refused(reader, replies, sender, recipient)
                     after = len(results) + 1
                     nxt = messages[after] if after < len(messages) else None
-                    chained = nxt is not None and plain(nxt[0]) and plain(nxt[1])
+                    # This message's sender is plain (it is on the reader): most share it.
+                    chained = (
+                        nxt is not None
+                        and (nxt[0] == sender or plain(nxt[0]) is not None)
+                        and plain(nxt[1]) is not None
+                    )
                     if nxt is not None and chained:
                         prepared = _message(nxt[2])
                         message += self._envelope(reader, nxt[0], nxt[1], prepared[1])
@@ -214,7 +221,7 @@ class PipeliningSMTP(aiosmtplib.SMTP):
                     results.append((None, time.perf_counter() - started, True))
                 except CHAIN_ERRORS as exc:
                     results.append((exc, time.perf_counter() - written, pipelined))
-                    if not _reusable(exc):  # as SmtpPool.error_for_exception decides
+                    if not line_survives(exc):
                         self.close()
                 if ahead is None and not self._usable():
                     break
@@ -233,13 +240,14 @@ class PipeliningSMTP(aiosmtplib.SMTP):
         """The reader to pipeline a message on; None: send it through aiosmtplib."""
         plain = PLAIN_ADDRESS.fullmatch
         reader = self._reader  # set once this connection is known to pipeline
-        if reader is None or reader.transport is not self.transport:
-            return await self._pipeline(sender, recipient)
-        return (
-            reader
-            if plain(sender) and plain(recipient)
-            else await self._pipeline(sender, recipient)
-        )
+        if (
+            reader is not None
+            and reader.transport is self.transport
+            and plain(sender)
+            and plain(recipient)
+        ):
+            return reader
+        return await self._pipeline(sender, recipient)
 
     @staticmethod
     def _envelope(reader: ReplyReader, sender: str, recipient: str, size: int) -> bytes:

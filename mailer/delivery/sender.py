@@ -3,7 +3,7 @@
 A batch job owns a range of delivery ids. It claims due rows in small chunks
 under a lease (``delivery.claims``), re-checks each subscriber right before
 sending (unsubscribe wins: docs/design.md, invariant 3), hands the messages to
-``delivery.transmit`` (one by one when rate-limited, else a group as one SMTP chain)
+``delivery.transmit`` (one by one when rate-limited, else a group as SMTP chains)
 and records outcomes
 every few messages. After a crash the only repeats are messages that were sent
 but not yet recorded (docs/design.md, invariant 2); rows whose lease ran out go

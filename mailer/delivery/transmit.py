@@ -46,6 +46,11 @@ def outcome_for(
     return Outcome(blast_id, item.delivery_id, item.subscriber_id, status, *args, **kw)
 
 
+def _unsendable(blast_id: int, item: Claimed, exc: ValueError) -> Outcome:
+    """An address or URL that cannot be put on the wire: failed, nothing was sent."""
+    return outcome_for(blast_id, item, OutcomeStatus.failed, None, str(exc)[:200])
+
+
 class Transmitter:
     """One per worker process, beside the sender: renders, sends, classifies."""
 
@@ -81,8 +86,8 @@ class Transmitter:
         """Send one message; None when the relay itself is unusable (the blast is paused)."""
         try:
             data = self._wire(compiled, blast_id, item, email)
-        except ValueError as exc:  # an address or URL that cannot be put on the wire
-            return outcome_for(blast_id, item, OutcomeStatus.failed, None, str(exc)[:200])
+        except ValueError as exc:
+            return _unsendable(blast_id, item, exc)
         started = time.perf_counter()
         error: SendError | SmtpConfigError | None = None
         try:
@@ -116,14 +121,13 @@ class Transmitter:
             try:
                 data = self._wire(compiled, blast_id, item, email)
             except ValueError as exc:
-                failed = outcome_for(blast_id, item, OutcomeStatus.failed, None, str(exc)[:200])
-                outcomes.append(failed)
+                outcomes.append(_unsendable(blast_id, item, exc))
                 continue
             sendable.append(item)
             messages.append((self.envelope_sender(item.subscriber_id, blast_id), email, data))
         size = -(-len(messages) // CHAINS_PER_GROUP)  # the parts, as even as can be
         starts = range(0, len(messages), size or 1)
-        async with asyncio.TaskGroup() as tasks:  # a failure in one cancels the other
+        async with asyncio.TaskGroup() as tasks:  # a failure in one cancels the others
             running = [tasks.create_task(self.smtp.send_chain(messages[i : i + size]))
                        for i in starts]  # fmt: skip
         unsent: list[Claimed] = []
