@@ -17,18 +17,22 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import BindParameter, Update, bindparam, update
+from sqlalchemy import Select, Update, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from mailer import record_sql
 from mailer.blast_state import count_policy_failures
 from mailer.bounces import BounceEvent, apply_events, send_event
-from mailer.db import ids_in, single_writes, utcnow
-from mailer.driver_sql import DriverStatement, execute, on_driver
+from mailer.db import single_writes, utcnow
+from mailer.driver_sql import DriverStatement, execute, fetch, on_driver
 from mailer.models import Delivery, DeliveryStatus
 from mailer.runtime import Runtime
 from mailer.stats import OutcomeStatus, SendStats
 
 log = logging.getLogger("mailer.record")
+
+# A single-statement read to run in the round trip of a flush, and its values.
+Read = tuple[Select[*tuple[Any, ...]], dict[str, Any]]
 
 FLUSH_EVERY = 20  # outcomes buffered before a write: also the bound on repeats after a crash
 FLUSH_SECONDS = 0.2
@@ -79,7 +83,7 @@ class Recorder:
     def _due(self) -> bool:
         return len(self.buffer) >= FLUSH_EVERY or time.monotonic() - self.last_flush > FLUSH_SECONDS
 
-    async def reserve(self, n: int = 1) -> None:
+    async def reserve(self, n: int = 1, *, read: Read | None = None) -> list[Any] | None:
         """Wait for ``n`` places in the buffer before sending ``n`` messages.
 
         Without it, while a slow write held the lock every lane of every job could finish
@@ -90,20 +94,29 @@ class Recorder:
         A rate-limited sender reserves before it books its slot: a flush run here would
         otherwise sit between the slot and the send, and a late send can overfill a
         one-second window.
+
+        ``read`` is a statement to run right after this wait, such as the sender's
+        re-check (docs/design.md, invariant 3). If the places come from a flush, the read
+        goes in the flush's round trip (``record_sql.sent_then``) and its rows come back;
+        otherwise None, and the caller runs it. Rows read before a further wait are
+        dropped: they must be read after the last wait, right before the send.
         """
+        rows = None
         while len(self.buffer) + self._reserved + n > FLUSH_EVERY and (
             self.buffer or self._reserved
         ):
+            rows = None
             # A flush only helps when it makes room: with the sends under way still in the
             # way, writing the few outcomes that came in meanwhile bought nothing, and every
             # lane waiting here did it again on each outcome (1,477 flushes of ~3 outcomes
             # for 4,860 in the 2000-message fault test). Wait for the sends instead.
             if self.buffer and (self._reserved + n <= FLUSH_EVERY or not self._reserved):
-                await self.flush()
+                rows = await self.flush(read=read)
             else:  # the places are taken by sends under way: wait for one to come in
                 await self._turn()
         self._reserved += n
         self._wake()  # there may be room left for the next lane in line
+        return rows
 
     async def _turn(self) -> None:
         """Wait for a change (an outcome in, a place given back, a flush) and our turn.
@@ -157,23 +170,29 @@ class Recorder:
             )
             await session.commit()
 
-    async def flush(self, *, only_if_due: bool = False, final: bool = False) -> None:
-        """Write the buffer; ``final`` (a chunk's last flush) also writes the counters."""
+    async def flush(
+        self, *, only_if_due: bool = False, final: bool = False, read: Read | None = None
+    ) -> list[Any] | None:
+        """Write the buffer; ``final`` (a chunk's last flush) also writes the counters.
+        The rows of ``read`` if it could go in the same statement (``reserve``), else None."""
+        rows = None
         async with self._lock:
             # Lanes that queued behind a flush find the buffer already written: without
             # this check each would write the few outcomes added meanwhile (a convoy).
             if only_if_due and not self._due():
-                return
+                return None
             batch, self.buffer = self.buffer, []
             self.last_flush = time.monotonic()
             if batch:
-                await self._write(batch)
+                rows = await self._write(batch, read)
             if final or self.last_flush - self.counted_at >= COUNTERS_SECONDS:
                 await self._count_in_redis()
         self._wake()  # the buffer has room again
+        return rows
 
-    async def _write(self, batch: list[Outcome]) -> None:
+    async def _write(self, batch: list[Outcome], read: Read | None = None) -> list[Any] | None:
         now = utcnow()
+        rows = None
         blasts = sorted({o.blast_id for o in batch})
         by_status: dict[str, list[Outcome]] = {}
         for o in batch:
@@ -182,27 +201,38 @@ class Recorder:
         # Permanent refusals during the transaction are bounce events (docs/bounces.md).
         refused = [send_event(o.blast_id, o.subscriber_id, o.code, o.error)
                    for o in batch if o.status == "failed" and o.code is not None]  # fmt: skip
-        updates = _delivery_updates(by_status, now, self._postgres)
+        updates = delivery_updates(by_status, now, self._postgres)
         single = len(updates) == 1 and isinstance(updates[0][1], dict)  # not an executemany
         if single and self._single is not None and not (refused or policy):
             # The usual flush of a blast: one UPDATE of the sent rows. A single statement is
             # atomic by itself, so on PostgreSQL it runs without BEGIN and COMMIT: one round
             # trip instead of three (db.single_writes).
             statement, params = updates[0]
-            if on_driver(self.runtime.engine):  # asyncpg runs it itself (driver_sql)
-                driver = DriverStatement.cached(statement, self.runtime.engine.dialect)
+            dialect = self.runtime.engine.dialect
+            if (
+                on_driver(self.runtime.engine)
+                and read is not None
+                and statement is record_sql.SENT[True]
+            ):
+                # The read in the same round trip (reserve): a send waits for one, not two.
+                driver = DriverStatement.cached(record_sql.sent_then(read[0]), dialect)
+                values = {**cast(dict[str, Any], params), **read[1]}
+                rows = await fetch(self.runtime.engine, driver, values)
+            elif on_driver(self.runtime.engine):  # asyncpg runs it itself (driver_sql)
+                driver = DriverStatement.cached(statement, dialect)
                 await execute(self.runtime.engine, driver, cast(dict[str, Any], params))
             else:
                 async with self._single.connect() as conn:
                     await conn.execute(statement, params)
         else:
             await self._write_in_transaction(updates, blasts, refused, policy, now)
-        for status, rows in by_status.items():
-            self._counts[status] += len(rows)
+        for status, kind in by_status.items():
+            self._counts[status] += len(kind)
         self._blast_counts.update((o.blast_id, o.status) for o in batch)
         if sent := len(by_status.get(OutcomeStatus.sent, ())):
             self._sent_at[int(time.time())] += sent
         self._warn_failures(batch)
+        return rows
 
     async def _write_in_transaction(
         self,
@@ -290,54 +320,7 @@ class Recorder:
             )
 
 
-# The flush's statements, built once (per dialect for the id lists, db.ids_in): SQLAlchemy
-# then finds each compiled form by identity instead of building a construct and its cache
-# key on every flush (docs/recording.md).
-_ID: BindParameter[int] = bindparam("b_id", type_=Delivery.id.type)
-_NOW = bindparam("b_now", type_=Delivery.sent_at.type)
-_SENT = {
-    postgres: update(Delivery)
-    .where(ids_in(Delivery.id, "b_ids", postgres=postgres))
-    .values(
-        status=DeliveryStatus.sent,
-        sent_at=_NOW,
-        lease_until=None,
-        attempts=Delivery.attempts + 1,
-    )
-    for postgres in (False, True)
-}
-_SKIPPED = {
-    postgres: update(Delivery)
-    .where(ids_in(Delivery.id, "b_ids", postgres=postgres))
-    .values(status=DeliveryStatus.skipped, lease_until=None)
-    for postgres in (False, True)
-}
-_FAILED = (
-    update(Delivery)
-    .where(Delivery.id == _ID)
-    .values(
-        status=DeliveryStatus.failed,
-        attempts=Delivery.attempts + bindparam("b_tried"),
-        lease_until=None,
-        last_code=bindparam("b_code"),
-        last_error=bindparam("b_error"),
-    )
-)
-_RETRY = (
-    update(Delivery)
-    .where(Delivery.id == _ID)
-    .values(
-        status=DeliveryStatus.pending,
-        next_attempt_at=bindparam("b_next", type_=Delivery.next_attempt_at.type),
-        attempts=Delivery.attempts + 1,
-        lease_until=None,
-        last_code=bindparam("b_code"),
-        last_error=bindparam("b_error"),
-    )
-)
-
-
-def _delivery_updates(
+def delivery_updates(
     by_status: dict[str, list[Outcome]], now: datetime, postgres: bool
 ) -> list[tuple[Update, dict[str, Any] | list[dict[str, Any]]]]:
     """The flush's writes to ``deliveries``: one statement per outcome kind present.
@@ -349,17 +332,19 @@ def _delivery_updates(
     """
     out: list[tuple[Update, dict[str, Any] | list[dict[str, Any]]]] = []
     if rows := by_status.get(OutcomeStatus.sent):
-        out.append((_SENT[postgres], {"b_ids": [o.delivery_id for o in rows], "b_now": now}))
+        out.append(
+            (record_sql.SENT[postgres], {"b_ids": [o.delivery_id for o in rows], "b_now": now})
+        )
     if rows := by_status.get(OutcomeStatus.skipped):
-        out.append((_SKIPPED[postgres], {"b_ids": [o.delivery_id for o in rows]}))
+        out.append((record_sql.SKIPPED[postgres], {"b_ids": [o.delivery_id for o in rows]}))
     if rows := by_status.get(OutcomeStatus.failed):
         params = [
             {"b_id": o.delivery_id, "b_tried": 0 if o.code is None else 1, **_last(o)} for o in rows
         ]
-        out.append((_FAILED, params))
+        out.append((record_sql.FAILED, params))
     if rows := by_status.get(OutcomeStatus.retry):
         params = [{"b_id": o.delivery_id, "b_next": o.next_attempt_at, **_last(o)} for o in rows]
-        out.append((_RETRY, params))
+        out.append((record_sql.RETRY, params))
     return out
 
 

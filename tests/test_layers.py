@@ -57,6 +57,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     3: (
         "blast_state",
         "record",
+        "record_sql",
         "confirmations",
         "importer",
         "exporter",

@@ -13,8 +13,8 @@ from helpers import seed_subscribers, sending_blast, sql, subscriber
 from sqlalchemy import event, update
 
 from mailer.config import Settings
-from mailer.db import utcnow
-from mailer.models import Delivery
+from mailer.db import make_engine, utcnow
+from mailer.models import Delivery, Subscriber, SubscriberStatus
 from mailer.record import Outcome, Recorder
 from mailer.runtime import Runtime
 from mailer.stats import OutcomeStatus
@@ -220,5 +220,52 @@ async def test_lanes_waiting_for_places_are_let_through_one_after_another(
         assert not full.done()
         recorder.unreserve(1)
         await asyncio.wait_for(full, 10)
+    finally:
+        await runtime.close()
+
+
+async def test_a_reserve_that_must_flush_reads_the_recheck_in_the_flushs_statement(
+    settings: Settings,
+) -> None:
+    """When the places a send waits for come from a flush, the send's re-check rides in the
+    flush's round trip on PostgreSQL: one statement writes the sent rows and reads who is
+    still subscribed, seeing an unsubscribe committed before it (docs/design.md,
+    invariant 3). Without a flush, or on SQLite, the caller reads for itself (None)."""
+    from mailer.delivery.sender import _STILL_SUBSCRIBED
+
+    postgres = settings.database_url.startswith("postgresql")
+    emails = (await seed_subscribers(settings, confirmed=18))["confirmed"]
+    blast_id, deliveries = await sending_blast(settings, emails)
+    ids = {email: int(i) for email, i in await sql(settings, "SELECT email, id FROM subscribers")}
+    left = emails[17]
+    engine = make_engine(settings.database_url)
+    async with engine.begin() as conn:  # committed before the read: it must see it
+        gone = update(Subscriber).where(Subscriber.id == ids[left])
+        await conn.execute(gone.values(status=SubscriberStatus.unsubscribed))
+    await engine.dispose()
+    runtime = Runtime.create(settings)
+    queries: list[str] = []
+
+    @event.listens_for(runtime.engine.sync_engine, "connect")
+    def log_queries(dbapi_connection: Any, record: Any) -> None:
+        if postgres:
+            dbapi_connection.driver_connection.add_query_logger(lambda q: queries.append(q.query))
+
+    read = (_STILL_SUBSCRIBED[postgres], {"ids": [ids[emails[16]], ids[left]]})
+    try:
+        recorder = Recorder(runtime)
+        recorder.buffer = [
+            Outcome(blast_id, deliveries[e], ids[e], OutcomeStatus.sent) for e in emails[:16]
+        ]
+        rows = await recorder.reserve(5, read=read)  # 16 + 5 > 20: a flush makes room
+        written = "SELECT count(*) FROM deliveries WHERE status = 'sent'"
+        assert await sql(settings, written) == [(16,)]
+        if postgres:
+            assert rows is not None and {r[0]: r[1] for r in rows} == {ids[emails[16]]: emails[16]}
+            ours = [q for q in queries if "deliveries" in q or "subscribers" in q]  # no set-up
+            assert [" ".join(q.split()[:5]) for q in ours] == ["WITH flushed AS (UPDATE deliveries"]
+        else:
+            assert rows is None
+        assert await recorder.reserve(2, read=read) is None  # room without a flush
     finally:
         await runtime.close()

@@ -18,7 +18,6 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -39,7 +38,7 @@ from mailer.models import (
     SubscriberStatus,
 )
 from mailer.queue import Queue
-from mailer.record import Outcome, Recorder
+from mailer.record import Outcome, Read, Recorder
 from mailer.render import CompiledMessage, Renderer, StatementContent
 from mailer.runtime import Runtime
 from mailer.smtp import SmtpPool
@@ -200,6 +199,12 @@ class Sender:
             result = await conn.execute(self._still, {"ids": subscriber_ids})
             return {r[0]: r[1] for r in result}
 
+    def _recheck(self, subscriber_ids: list[int]) -> Read | None:
+        """The re-check as a read the recorder can run in a flush's round trip (asyncpg)."""
+        if self._still_driver is None:
+            return None
+        return (self._still, {"ids": subscriber_ids})
+
     async def _send_chunk(self, blast_id: int, claimed: list[Claimed]) -> BatchReport:
         compiled = await self._compiled_for(blast_id)
         report = BatchReport()
@@ -236,57 +241,76 @@ class Sender:
         stop: list[str] = []
         attempted: list[int] = []
 
+        async def halted(items: list[Claimed], rest: list[Claimed]) -> bool:
+            """Paused or cancelled: hand the rows back, and stop the batch."""
+            status = await self.statuses.current(blast_id)
+            if status == BlastStatus.sending:
+                return False
+            stop.append(f"blast {status}")
+            back = DeliveryStatus.pending
+            if status == BlastStatus.cancelled:
+                back = DeliveryStatus.cancelled
+            await recorder.release([c.delivery_id for c in (*items, *rest)], back)
+            rest.clear()
+            return True
+
+        async def send_group(items: list[Claimed], rest: list[Claimed]) -> bool:
+            """Re-check and send a group as chains (docs/smtp.md); False: the batch stops."""
+            if await halted(items, rest):
+                return False
+            ids = [c.subscriber_id for c in items]
+            # Places in the recorder's buffer first (they bound what a crash can repeat,
+            # record.py). If a flush makes the room, the re-check rides in its round trip.
+            checked = await recorder.reserve(len(items), read=self._recheck(ids))
+            held = len(items)  # places not yet taken by an outcome or given back
+            try:
+                if checked is not None:
+                    alive = {r[0]: r[1] for r in checked}
+                else:
+                    alive = await self._still_subscribed(ids)
+                group = []
+                for item in items:
+                    email = alive.get(item.subscriber_id)
+                    if email is not None:
+                        group.append((item, email))
+                        continue
+                    held -= 1
+                    await record(outcome_for(blast_id, item, OutcomeStatus.skipped), reserved=True)
+                outcomes, unsent = await self.transmit.chain(compiled, blast_id, group)
+                for outcome in outcomes:
+                    held -= 1
+                    attempted.append(1)
+                    await record(outcome, reserved=True)
+                if unsent:  # the relay is unusable: the blast is paused
+                    stop.append("smtp configuration error")
+                    await recorder.release([c.delivery_id for c in (*unsent, *rest)])
+                    rest.clear()
+                    return False
+                return True
+            finally:
+                if held:
+                    recorder.unreserve(held)
+
         async def send(items: list[Claimed], domain: str | None, rest: list[Claimed]) -> bool:
             """Reserve, throttle, re-check, send, record; False once the batch must stop."""
-            limited = self.settings.rate_per_second > 0 or domain is not None
             # Places in the recorder's buffer first (they bound what a crash can repeat,
             # record.py): a flush waited for after the slot would make the send late.
             await recorder.reserve(len(items))
             held = len(items)  # places not yet taken by an outcome or given back
             try:
-                # A rate-limited send takes its connection before the slot (SmtpPool.held):
-                # between the late check and the write there is then nothing to wait for.
-                # Unlimited sends take one per message, free for others during re-checks.
-                async with self.smtp.held() if limited else nullcontext() as conn:
+                # The connection is taken before the slot (SmtpPool.held): between the late
+                # check and the write there is then nothing to wait for.
+                async with self.smtp.held() as conn:
                     for attempt in range(1, MAX_REBOOKS + 1):
-                        if limited:
-                            slot = await self.throttle.acquire(len(items), domain)
-                            recorder.stats.throttle_wait_s += slot.waited
-                        status = await self.statuses.current(blast_id)
-                        if status != BlastStatus.sending:  # paused or cancelled: hand back
-                            stop.append(f"blast {status}")
-                            back = DeliveryStatus.pending
-                            if status == BlastStatus.cancelled:
-                                back = DeliveryStatus.cancelled
-                            await recorder.release([c.delivery_id for c in (*items, *rest)], back)
-                            rest.clear()
+                        slot = await self.throttle.acquire(len(items), domain)
+                        recorder.stats.throttle_wait_s += slot.waited
+                        if await halted(items, rest):
                             return False
                         alive = await self._still_subscribed([c.subscriber_id for c in items])
                         # The re-check ran after the slot (unsubscribe wins); if it took too
                         # long the message would land among later slots: book a new one.
-                        if not limited or attempt == MAX_REBOOKS or not slot.late():
+                        if attempt == MAX_REBOOKS or not slot.late():
                             break
-                    if not limited:  # the group as chains, one per connection (docs/smtp.md)
-                        group = []
-                        for item in items:
-                            email = alive.get(item.subscriber_id)
-                            if email is not None:
-                                group.append((item, email))
-                                continue
-                            held -= 1
-                            skipped = outcome_for(blast_id, item, OutcomeStatus.skipped)
-                            await record(skipped, reserved=True)
-                        outcomes, unsent = await self.transmit.chain(compiled, blast_id, group)
-                        for outcome in outcomes:
-                            held -= 1
-                            attempted.append(1)
-                            await record(outcome, reserved=True)
-                        if unsent:  # the relay is unusable: the blast is paused
-                            stop.append("smtp configuration error")
-                            await recorder.release([c.delivery_id for c in (*unsent, *rest)])
-                            rest.clear()
-                            return False
-                        return True
                     for item in items:
                         held -= 1  # this item's place: its outcome takes it, or is given back
                         email = alive.get(item.subscriber_id)
@@ -313,13 +337,15 @@ class Sender:
                     recorder.unreserve(held)
 
         # Unlimited domains share the SMTP lanes; a group is re-checked in one query.
-        group = 1 if self.settings.rate_per_second > 0 else GROUP_UNLIMITED
+        limited = self.settings.rate_per_second > 0
+        group = 1 if limited else GROUP_UNLIMITED
         shared = list(general)
 
         async def lane() -> None:
             while shared and not stop:
                 items, shared[:] = shared[:group], shared[group:]
-                if not await send(items, None, shared):
+                sent = await (send(items, None, shared) if limited else send_group(items, shared))
+                if not sent:
                     return
 
         # Each rate-limited domain gets one sequential task, so waiting for its slots never
@@ -329,7 +355,7 @@ class Sender:
                 if not await send([items.pop(0)], domain, items):
                     return
 
-        if self.settings.rate_per_second > 0 or by_domain:
+        if limited or by_domain:
             await self.smtp.warm()  # connections open before the first slot is booked
         renewal = asyncio.create_task(self.claims.keep_leases(unsent))
         try:
