@@ -52,6 +52,10 @@ run. Variants that no longer apply to the current code say so and exit 3.
 - ``flushthenread``: an unlimited group's re-check in its own round trip after the flush
   that made room for the group, as before the re-check went into the flush's statement
   (``record_sql.sent_then``; what one round trip fewer per group buys).
+- ``ormclaim``: the claim as an ORM bulk UPDATE built on every call (the session then
+  synchronises its identity map from the RETURNING rows), as before ``claims._CLAIM``.
+- ``msgidcall``: each Message-ID made by ``render.make_message_id``, key and domain
+  worked out per call, as before ``Transmitter.message_id`` kept them.
 - ``statusherd``: every lane that finds the kept blast status stale reads it itself, as
   before ``delivery.status`` shared one read per process (what that buys).
 """
@@ -495,6 +499,75 @@ def _flushthenread() -> None:
     from mailer.delivery import sender
 
     sender.Sender._recheck = lambda self, ids: None
+
+
+@patch("ormclaim")
+def _ormclaim() -> None:
+    """The claim as the ORM bulk UPDATE built on every call, as before ``claims._CLAIM``."""
+    from datetime import timedelta
+
+    from sqlalchemy import func, or_, select, update
+
+    from mailer.db import utcnow
+    from mailer.delivery import claims
+    from mailer.models import Delivery, DeliveryStatus
+
+    async def claim(self: Any, blast_id: int, first_id: int, last_id: int, limit: int) -> Any:
+        now = utcnow()
+        lease = now + timedelta(seconds=self.settings.delivery_lease_s)
+        async with self.runtime.sessions() as session:
+            ids = (
+                select(Delivery.id)
+                .where(
+                    Delivery.blast_id == blast_id,
+                    Delivery.id.between(first_id, last_id),
+                    Delivery.status == DeliveryStatus.pending,
+                    or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+                )
+                .order_by(Delivery.id)
+                .limit(limit)
+            )
+            if self.runtime.engine.dialect.name == "postgresql":
+                ids = ids.with_for_update(skip_locked=True)
+            rows = await session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(ids.scalar_subquery()))
+                .where(Delivery.status == DeliveryStatus.pending)
+                .values(
+                    status=DeliveryStatus.sending,
+                    lease_until=lease,
+                    first_attempt_at=func.coalesce(Delivery.first_attempt_at, now),
+                )
+                .returning(
+                    Delivery.id,
+                    Delivery.subscriber_id,
+                    Delivery.attempts,
+                    Delivery.first_attempt_at,
+                )
+            )
+            claimed = [claims.Claimed(r[0], r[1], r[2], r[3]) for r in rows if r[1] is not None]
+            await session.commit()
+        claimed.sort(key=lambda c: c.delivery_id)
+        return claimed
+
+    claims.Claims.claim = claim
+
+
+@patch("msgidcall")
+def _msgidcall() -> None:
+    """Each Message-ID from ``make_message_id``, which derives the key and the domain again
+    on every call, as before ``Transmitter.message_id`` kept them."""
+    from mailer.delivery import transmit
+    from mailer.render import make_message_id
+
+    init = transmit.Transmitter.__init__
+
+    def patched(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        settings = self.settings
+        self.message_id = lambda blast_id, sub: make_message_id(settings, blast_id, sub)
+
+    transmit.Transmitter.__init__ = patched  # type: ignore[method-assign]
 
 
 @patch("recordherd")

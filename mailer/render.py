@@ -34,7 +34,7 @@ from markupsafe import Markup, escape
 from mailer.config import Settings
 from mailer.models import Statement
 from mailer.statements import sanitize_html
-from mailer.tokens import purpose_mac
+from mailer.tokens import MessageIds
 from mailer.wire import (
     ADDRESS,
     CRLF,
@@ -70,16 +70,16 @@ def make_message_id(settings: Settings, blast_id: int | None, subscriber_id: int
     after a worker crash can be deduplicated by the receiver (Gmail does); the HMAC
     (128 bits, under the Message-ID sub-key, docs/security.md) keeps subscriber ids
     private. Anything else gets a random one."""
-    domain = settings.sender_domain.encode("idna").decode()
     if blast_id is not None and subscriber_id is not None:
-        mac = _message_id_mac(settings.signing_keys[-1], blast_id, subscriber_id)
-        return f"<b{blast_id}.{mac}@{domain}>"
+        return message_ids(settings)(blast_id, subscriber_id)
+    domain = settings.sender_domain.encode("idna").decode()
     return f"<{time.time_ns():x}.{secrets.token_hex(8)}@{domain}>"
 
 
-def _message_id_mac(key: str, blast_id: int, subscriber_id: int) -> str:
-    message = f"msgid:{blast_id}:{subscriber_id}".encode()
-    return purpose_mac(key, "message-id")(message).hex()[:32]  # 128 bits
+def message_ids(settings: Settings, key: str | None = None) -> MessageIds:
+    """Message-IDs of blast deliveries under ``key`` (the current key if None)."""
+    domain = settings.sender_domain.encode("idna").decode()
+    return MessageIds(key or settings.signing_keys[-1], domain)
 
 
 def _legacy_message_id_mac(key: str, blast_id: int, subscriber_id: int) -> str:
@@ -101,9 +101,12 @@ def read_message_id(settings: Settings, message_id: str, subscriber_id: int) -> 
     if match is None:
         return None
     blast_id, given = int(match.group(1)), match.group(2).encode()
-    expected = _message_id_mac if len(given) == 32 else _legacy_message_id_mac
     for key in settings.signing_keys:
-        if hmac.compare_digest(expected(key, blast_id, subscriber_id).encode(), given):
+        if len(given) == 32:
+            expected = message_ids(settings, key).mac(blast_id, subscriber_id)
+        else:
+            expected = _legacy_message_id_mac(key, blast_id, subscriber_id)
+        if hmac.compare_digest(expected.encode(), given):
             return blast_id
     return None
 

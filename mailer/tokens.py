@@ -78,6 +78,24 @@ def purpose_mac(key: str, purpose: str) -> Mac:
     return Mac(key, purpose)
 
 
+class MessageIds:
+    """The Message-ID of a blast's delivery, ``<bBLAST.MAC@domain>`` (render.make_message_id):
+    the MAC is 128 bits under the Message-ID sub-key. Key and domain are worked out once,
+    since a sender makes one per message (bench/analysis.md, step 10)."""
+
+    __slots__ = ("_domain", "_mac")
+
+    def __init__(self, key: str, domain: str) -> None:
+        self._domain = domain
+        self._mac = purpose_mac(key, "message-id")
+
+    def __call__(self, blast_id: int, subscriber_id: int) -> str:
+        return f"<b{blast_id}.{self.mac(blast_id, subscriber_id)}@{self._domain}>"
+
+    def mac(self, blast_id: int, subscriber_id: int) -> str:
+        return self._mac(f"msgid:{blast_id}:{subscriber_id}".encode()).hex()[:32]
+
+
 UNSUBSCRIBE_PREFIX = "u1"  # the version; an itsdangerous token (base64 JSON) never starts so
 _UNSUBSCRIBE = re.compile(r"u1\.(0|[1-9][0-9]{0,17})\.([A-Za-z0-9_-]{22})")
 

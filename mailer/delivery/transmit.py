@@ -22,7 +22,7 @@ from mailer.blast_state import pause_if_sending
 from mailer.db import utcnow
 from mailer.delivery.claims import Claimed
 from mailer.record import Outcome
-from mailer.render import CompiledMessage, make_message_id
+from mailer.render import CompiledMessage, message_ids
 from mailer.runtime import Runtime
 from mailer.smtp import (
     Connection,
@@ -59,6 +59,7 @@ class Transmitter:
         self.settings = runtime.settings
         self.smtp = smtp
         self.stats = stats  # the SMTP latency histogram, written with the recorder's flushes
+        self.message_id = message_ids(runtime.settings)  # one per message: built once
 
     def envelope_sender(self, subscriber_id: int, blast_id: int | None = None) -> str:
         """The Return-Path; with VERP a signed one per subscriber and blast (docs/bounces.md)."""
@@ -72,7 +73,7 @@ class Transmitter:
         return compiled.wire(
             to=email,
             unsubscribe_url=self.runtime.unsubscribe_url(item.subscriber_id),
-            message_id=make_message_id(self.settings, blast_id, item.subscriber_id),
+            message_id=self.message_id(blast_id, item.subscriber_id),
         )
 
     async def one(
