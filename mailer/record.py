@@ -96,27 +96,28 @@ class Recorder:
         one-second window.
 
         ``read`` is a statement to run right after this wait, such as the sender's
-        re-check (docs/design.md, invariant 3). If the places come from a flush, the read
-        goes in the flush's round trip (``record_sql.sent_then``) and its rows come back;
-        otherwise None, and the caller runs it. Rows read before a further wait are
-        dropped: they must be read after the last wait, right before the send.
+        re-check (docs/design.md, invariant 3). If the places come from the usual flush
+        on PostgreSQL, they are taken as the flush begins (no other lane can take them
+        while it runs) and the read goes in the flush's statement
+        (``record_sql.sent_then``): its rows come back. Otherwise None: the caller reads.
         """
-        rows = None
         while len(self.buffer) + self._reserved + n > FLUSH_EVERY and (
             self.buffer or self._reserved
         ):
-            rows = None
             # A flush only helps when it makes room: with the sends under way still in the
             # way, writing the few outcomes that came in meanwhile bought nothing, and every
             # lane waiting here did it again on each outcome (1,477 flushes of ~3 outcomes
             # for 4,860 in the 2000-message fault test). Wait for the sends instead.
             if self.buffer and (self._reserved + n <= FLUSH_EVERY or not self._reserved):
-                rows = await self.flush(read=read)
+                rows = await self.flush(read=read, take=n)
+                if rows is not None:  # the places came with the flush, the read rode in it
+                    self._wake()
+                    return rows
             else:  # the places are taken by sends under way: wait for one to come in
                 await self._turn()
         self._reserved += n
         self._wake()  # there may be room left for the next lane in line
-        return rows
+        return None
 
     async def _turn(self) -> None:
         """Wait for a change (an outcome in, a place given back, a flush) and our turn.
@@ -171,10 +172,18 @@ class Recorder:
             await session.commit()
 
     async def flush(
-        self, *, only_if_due: bool = False, final: bool = False, read: Read | None = None
+        self,
+        *,
+        only_if_due: bool = False,
+        final: bool = False,
+        read: Read | None = None,
+        take: int = 0,
     ) -> list[Any] | None:
         """Write the buffer; ``final`` (a chunk's last flush) also writes the counters.
-        The rows of ``read`` if it could go in the same statement (``reserve``), else None."""
+
+        With ``read`` and ``take`` (``reserve``): if the read can ride in this flush's
+        statement and the emptied buffer leaves room, ``take`` places are taken now and
+        the read's rows are returned; else None, and nothing was taken."""
         rows = None
         async with self._lock:
             # Lanes that queued behind a flush find the buffer already written: without
@@ -183,12 +192,28 @@ class Recorder:
                 return None
             batch, self.buffer = self.buffer, []
             self.last_flush = time.monotonic()
-            if batch:
-                rows = await self._write(batch, read)
+            room = self._reserved + take <= FLUSH_EVERY or not self._reserved
+            if not (read is not None and take and room and self._carries_read(batch)):
+                read, take = None, 0
+            self._reserved += take
+            try:
+                if batch:
+                    rows = await self._write(batch, read)
+            except BaseException:
+                self._reserved -= take
+                raise
             if final or self.last_flush - self.counted_at >= COUNTERS_SECONDS:
                 await self._count_in_redis()
         self._wake()  # the buffer has room again
         return rows
+
+    def _carries_read(self, batch: list[Outcome]) -> bool:
+        """Whether ``batch`` is written as the usual flush, one UPDATE that asyncpg runs
+        outside a transaction, which a read can join (``record_sql.sent_then``)."""
+        sent = OutcomeStatus.sent
+        engine = self.runtime.engine
+        ready = self._single is not None and on_driver(engine)
+        return ready and bool(batch) and all(o.status == sent for o in batch)
 
     async def _write(self, batch: list[Outcome], read: Read | None = None) -> list[Any] | None:
         now = utcnow()
@@ -209,12 +234,8 @@ class Recorder:
             # trip instead of three (db.single_writes).
             statement, params = updates[0]
             dialect = self.runtime.engine.dialect
-            if (
-                on_driver(self.runtime.engine)
-                and read is not None
-                and statement is record_sql.SENT[True]
-            ):
-                # The read in the same round trip (reserve): a send waits for one, not two.
+            if read is not None:  # it rides along (flush, _carries_read): one round trip
+                assert statement is record_sql.SENT[True]
                 driver = DriverStatement.cached(record_sql.sent_then(read[0]), dialect)
                 values = {**cast(dict[str, Any], params), **read[1]}
                 rows = await fetch(self.runtime.engine, driver, values)

@@ -230,7 +230,8 @@ async def test_a_reserve_that_must_flush_reads_the_recheck_in_the_flushs_stateme
     """When the places a send waits for come from a flush, the send's re-check rides in the
     flush's round trip on PostgreSQL: one statement writes the sent rows and reads who is
     still subscribed, seeing an unsubscribe committed before it (docs/design.md,
-    invariant 3). Without a flush, or on SQLite, the caller reads for itself (None)."""
+    invariant 3). The places are taken as the flush begins, so no lane that comes meanwhile
+    takes them. Without a flush, or on SQLite, the caller reads for itself (None)."""
     from mailer.delivery.sender import _STILL_SUBSCRIBED
 
     postgres = settings.database_url.startswith("postgresql")
@@ -257,7 +258,11 @@ async def test_a_reserve_that_must_flush_reads_the_recheck_in_the_flushs_stateme
         recorder.buffer = [
             Outcome(blast_id, deliveries[e], ids[e], OutcomeStatus.sent) for e in emails[:16]
         ]
-        rows = await recorder.reserve(5, read=read)  # 16 + 5 > 20: a flush makes room
+        # 16 + 5 > 20: a flush makes room; on PostgreSQL a lane coming meanwhile finds it
+        # taken (on SQLite it may take it first: the flush's lane then reads for itself).
+        first = asyncio.create_task(recorder.reserve(5, read=read))
+        other = asyncio.create_task(recorder.reserve(16)) if postgres else None
+        rows = await first
         written = "SELECT count(*) FROM deliveries WHERE status = 'sent'"
         assert await sql(settings, written) == [(16,)]
         if postgres:
@@ -266,6 +271,11 @@ async def test_a_reserve_that_must_flush_reads_the_recheck_in_the_flushs_stateme
             assert [" ".join(q.split()[:5]) for q in ours] == ["WITH flushed AS (UPDATE deliveries"]
         else:
             assert rows is None
+        if other is not None:
+            await asyncio.sleep(0.05)
+            assert not other.done()  # 5 + 16 > 20
+            recorder.unreserve(5)
+            await asyncio.wait_for(other, 10)
         assert await recorder.reserve(2, read=read) is None  # room without a flush
     finally:
         await runtime.close()
