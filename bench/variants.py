@@ -21,7 +21,8 @@ run. Variants that no longer apply to the current code say so and exit 3.
   (in mailer since 22cd062).
 - ``corerecheck``: the re-check as one cached Core statement (``id = ANY(:ids)``).
 - ``jobs3``, ``fastsubscribe``, ``httptools``, ``count``: see their docstrings.
-- ``chunk500``: claim 500 rows at a time instead of 200.
+- ``chunk500``: claim 500 rows at a time instead of 200 (in mailer since step 10);
+  ``chunk200``: 200 at a time, as before.
 - ``fasttoken``: the per-message unsubscribe URL and Message-ID from a precomputed HMAC
   key (measures the itsdangerous cost; in mailer as the ``u1`` token, so only useful on
   commits before it).
@@ -160,6 +161,14 @@ def _chunk500() -> None:
     from mailer.delivery import sender as delivery
 
     delivery.CHUNK_UNLIMITED = 500
+
+
+@patch("chunk200")
+def _chunk200() -> None:
+    """Chunks of 200 rows on an unlimited blast, as before ``CHUNK_UNLIMITED`` was 500."""
+    from mailer.delivery import sender as delivery
+
+    delivery.CHUNK_UNLIMITED = 200
 
 
 @patch("fasttoken")
