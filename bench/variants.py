@@ -57,6 +57,9 @@ run. Variants that no longer apply to the current code say so and exit 3.
   synchronises its identity map from the RETURNING rows), as before ``claims._CLAIM``.
 - ``msgidcall``: each Message-ID made by ``render.make_message_id``, key and domain
   worked out per call, as before ``Transmitter.message_id`` kept them.
+- ``ormstate``: a batch's ``finish_if_complete`` and ``Claims.next_attempt_at``, and each
+  chunk's ``clear_waiting``, built per call and run in an ORM session, as before they
+  were Core statements built once.
 - ``statusherd``: every lane that finds the kept blast status stale reads it itself, as
   before ``delivery.status`` shared one read per process (what that buys).
 """
@@ -577,6 +580,59 @@ def _msgidcall() -> None:
         self.message_id = lambda blast_id, sub: make_message_id(settings, blast_id, sub)
 
     transmit.Transmitter.__init__ = patched  # type: ignore[method-assign]
+
+
+@patch("ormstate")
+def _ormstate() -> None:
+    """A batch's ``finish_if_complete``, its ``Claims.next_attempt_at`` and each chunk's
+    ``clear_waiting`` built per call and run in an ORM session, as before they were Core
+    statements built once."""
+    from sqlalchemy import func, select, update
+
+    from mailer.db import utcnow
+    from mailer.delivery import claims, sender
+    from mailer.models import Blast, BlastStatus, Delivery, DeliveryStatus
+
+    async def finish(runtime: Any, blast_id: int) -> bool:
+        async with runtime.sessions() as session:
+            open_rows = (
+                select(Delivery.id)
+                .where(
+                    Delivery.blast_id == blast_id,
+                    Delivery.status.in_([DeliveryStatus.pending, DeliveryStatus.sending]),
+                )
+                .exists()
+            )
+            result = await session.execute(
+                update(Blast)
+                .where(Blast.id == blast_id, Blast.status == BlastStatus.sending, ~open_rows)
+                .values(status=BlastStatus.done, finished_at=utcnow(), reason=None)
+            )
+            await session.commit()
+        return bool(result.rowcount)
+
+    async def clear(runtime: Any, blast_id: int) -> None:
+        async with runtime.sessions() as session:
+            await session.execute(
+                update(Blast)
+                .where(Blast.id == blast_id, Blast.reason.like("waiting:%"))
+                .values(reason=None)
+            )
+            await session.commit()
+
+    async def least_pending(self: Any, column: Any, blast_id: int, first: int, last: int) -> Any:
+        async with self.runtime.reads() as session:
+            return await session.scalar(
+                select(func.min(column)).where(
+                    Delivery.blast_id == blast_id,
+                    Delivery.id.between(first, last),
+                    Delivery.status == DeliveryStatus.pending,
+                )
+            )
+
+    sender.finish_if_complete = finish
+    sender.clear_waiting = clear
+    claims.Claims._least_pending = least_pending
 
 
 @patch("recordherd")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mailer.db import utcnow
@@ -140,26 +140,35 @@ async def count_policy_failures(
 
 
 async def finish_if_complete(runtime: Runtime, blast_id: int) -> bool:
-    """Mark the blast done once no row is pending or in flight."""
-    async with runtime.sessions() as session:
-        open_rows = (
-            select(Delivery.id)
-            .where(
-                Delivery.blast_id == blast_id,
-                Delivery.status.in_([DeliveryStatus.pending, DeliveryStatus.sending]),
-            )
-            .exists()
-        )
-        result = await session.execute(
-            update(Blast)
-            .where(Blast.id == blast_id, Blast.status == BlastStatus.sending, ~open_rows)
-            .values(status=BlastStatus.done, finished_at=utcnow(), reason=None)
-        )
-        await session.commit()
-    done = bool(result.rowcount)  # type: ignore[attr-defined]
+    """Mark the blast done once no row is pending or in flight. A Core statement built
+    once, on a plain connection: every batch job ends with it (bench/analysis.md,
+    step 10)."""
+    async with runtime.engine.begin() as conn:
+        result = await conn.execute(_FINISH, {"f_blast": blast_id, "f_now": utcnow()})
+    done = bool(result.rowcount)
     if done:
         worker_log.info("blast %s done", blast_id, extra={"blast_id": blast_id, "status": "done"})
     return done
+
+
+_FINISH = (
+    update(Blast)
+    .where(
+        Blast.id == bindparam("f_blast"),
+        Blast.status == BlastStatus.sending,
+        ~select(Delivery.id)
+        .where(
+            Delivery.blast_id == bindparam("f_blast"),
+            Delivery.status.in_([DeliveryStatus.pending, DeliveryStatus.sending]),
+        )
+        .exists(),
+    )
+    .values(
+        status=BlastStatus.done,
+        finished_at=bindparam("f_now", type_=Blast.finished_at.type),
+        reason=None,
+    )
+)
 
 
 # Waiting notes -----------------------------------------------------------------------
@@ -174,11 +183,14 @@ async def note_waiting(session: AsyncSession, blast_id: int, why: str) -> None:
 
 
 async def clear_waiting(runtime: Runtime, blast_id: int) -> None:
-    """Sending again after a quota wait: the "waiting" note no longer holds."""
-    async with runtime.sessions() as session:
-        await session.execute(
-            update(Blast)
-            .where(Blast.id == blast_id, Blast.reason.like("waiting:%"))
-            .values(reason=None)
-        )
-        await session.commit()
+    """Sending again after a quota wait: the "waiting" note no longer holds. Every chunk
+    of a batch runs it, and it rarely finds a note: a Core statement built once."""
+    async with runtime.engine.begin() as conn:
+        await conn.execute(_CLEAR_WAITING, {"w_blast": blast_id})
+
+
+_CLEAR_WAITING = (
+    update(Blast)
+    .where(Blast.id == bindparam("w_blast"), Blast.reason.like("waiting:%"))
+    .values(reason=None)
+)

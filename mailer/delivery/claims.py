@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Integer, Update, bindparam, func, or_, select, update
+from sqlalchemy import Integer, Select, Update, bindparam, func, or_, select, update
 from sqlalchemy.orm import InstrumentedAttribute
 
 from mailer import blast_state
-from mailer.db import utcnow
+from mailer.db import single_reads, utcnow
 from mailer.models import Delivery, DeliveryStatus
 from mailer.runtime import Runtime
 
@@ -58,6 +58,7 @@ class Claims:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
+        self._reads = single_reads(runtime.engine)
 
     async def next_due_id(self, blast_id: int, first_id: int, last_id: int) -> int | None:
         """The first pending row of the range (where a continuing job starts)."""
@@ -70,14 +71,18 @@ class Claims:
     async def _least_pending(
         self, column: InstrumentedAttribute[T], blast_id: int, first_id: int, last_id: int
     ) -> T | None:
-        async with self.runtime.reads() as session:
-            return await session.scalar(
-                select(func.min(column)).where(
-                    Delivery.blast_id == blast_id,
-                    Delivery.id.between(first_id, last_id),
-                    Delivery.status == DeliveryStatus.pending,
-                )
+        """The least ``column`` of the range's pending rows (every batch job ends with one:
+        a Core statement built once per column, on a plain connection)."""
+        statement = _LEAST_PENDING.get(column.key)
+        if statement is None:
+            statement = _LEAST_PENDING[column.key] = select(func.min(column)).where(
+                Delivery.blast_id == bindparam("l_blast"),
+                Delivery.id.between(bindparam("l_first"), bindparam("l_last")),
+                Delivery.status == DeliveryStatus.pending,
             )
+        params = {"l_blast": blast_id, "l_first": first_id, "l_last": last_id}
+        async with self._reads.connect() as conn:  # one statement: no BEGIN (db.single_reads)
+            return cast(T | None, await conn.scalar(statement, params))
 
     async def claim(self, blast_id: int, first_id: int, last_id: int, limit: int) -> list[Claimed]:
         """Take up to ``limit`` due rows of the range, in id order, under a fresh lease.
@@ -196,3 +201,4 @@ def _claim(postgres: bool) -> Update:
 
 
 _CLAIM = {postgres: _claim(postgres) for postgres in (False, True)}
+_LEAST_PENDING: dict[str, Select[Any]] = {}  # column name -> statement (_least_pending)
