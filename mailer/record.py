@@ -79,6 +79,7 @@ class Recorder:
         self._waiting: deque[asyncio.Future[None]] = deque()  # lanes in ``reserve``
         self._postgres = runtime.engine.dialect.name == "postgresql"
         self._single = single_writes(runtime.engine)
+        self._joins_reads = self._single is not None and on_driver(runtime.engine)
 
     def _due(self) -> bool:
         return len(self.buffer) >= FLUSH_EVERY or time.monotonic() - self.last_flush > FLUSH_SECONDS
@@ -211,9 +212,7 @@ class Recorder:
         """Whether ``batch`` is written as the usual flush, one UPDATE that asyncpg runs
         outside a transaction, which a read can join (``record_sql.sent_then``)."""
         sent = OutcomeStatus.sent
-        engine = self.runtime.engine
-        ready = self._single is not None and on_driver(engine)
-        return ready and bool(batch) and all(o.status == sent for o in batch)
+        return self._joins_reads and bool(batch) and all(o.status == sent for o in batch)
 
     async def _write(self, batch: list[Outcome], read: Read | None = None) -> list[Any] | None:
         now = utcnow()

@@ -223,9 +223,8 @@ class SmtpPool:
         """Send one message to one recipient; raise a typed SendError unless accepted.
 
         ``client`` is a connection from ``held``; without one, the next idle one is used.
-        A blast message comes ready for DATA (``Stuffed``); DKIM signs the message
-        itself, so a signed one goes on as plain bytes (signing costs milliseconds, the
-        stuffing is nothing next to it)."""
+        A blast message comes ready for DATA (``Stuffed``), unless DKIM signs it
+        (``_signed``)."""
         data = self._signed(data)
         if client is not None:
             return await self._send_on(client, sender, recipient, data)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
-from sqlalchemy import Integer, Select, Update, bindparam, func, or_, select, update
+from sqlalchemy import Integer, Update, bindparam, func, or_, select, update
 from sqlalchemy.orm import InstrumentedAttribute
 
 from mailer import blast_state
@@ -73,16 +73,9 @@ class Claims:
     ) -> T | None:
         """The least ``column`` of the range's pending rows (every batch job ends with one:
         a Core statement built once per column, on a plain connection)."""
-        statement = _LEAST_PENDING.get(column.key)
-        if statement is None:
-            statement = _LEAST_PENDING[column.key] = select(func.min(column)).where(
-                Delivery.blast_id == bindparam("l_blast"),
-                Delivery.id.between(bindparam("l_first"), bindparam("l_last")),
-                Delivery.status == DeliveryStatus.pending,
-            )
         params = {"l_blast": blast_id, "l_first": first_id, "l_last": last_id}
         async with self._reads.connect() as conn:  # one statement: no BEGIN (db.single_reads)
-            return cast(T | None, await conn.scalar(statement, params))
+            return cast(T | None, await conn.scalar(_LEAST_PENDING[column.key], params))
 
     async def claim(self, blast_id: int, first_id: int, last_id: int, limit: int) -> list[Claimed]:
         """Take up to ``limit`` due rows of the range, in id order, under a fresh lease.
@@ -94,8 +87,14 @@ class Claims:
         """
         now = utcnow()
         lease = now + timedelta(seconds=self.settings.delivery_lease_s)
-        params: dict[str, Any] = {"c_blast": blast_id, "c_first": first_id, "c_last": last_id}
-        params |= {"c_now": now, "c_lease": lease, "c_limit": limit}
+        params = {
+            "c_blast": blast_id,
+            "c_first": first_id,
+            "c_last": last_id,
+            "c_now": now,
+            "c_lease": lease,
+            "c_limit": limit,
+        }
         postgres = self.runtime.engine.dialect.name == "postgresql"
         async with self.runtime.engine.begin() as conn:
             rows = (await conn.execute(_CLAIM[postgres], params)).all()
@@ -201,4 +200,12 @@ def _claim(postgres: bool) -> Update:
 
 
 _CLAIM = {postgres: _claim(postgres) for postgres in (False, True)}
-_LEAST_PENDING: dict[str, Select[Any]] = {}  # column name -> statement (_least_pending)
+# Claims._least_pending, by column name: where a continuing job starts, when a row is due.
+_LEAST_PENDING = {
+    column.key: select(func.min(column)).where(
+        Delivery.blast_id == bindparam("l_blast"),
+        Delivery.id.between(bindparam("l_first"), bindparam("l_last")),
+        Delivery.status == DeliveryStatus.pending,
+    )
+    for column in (Delivery.id, Delivery.next_attempt_at)
+}
